@@ -1,0 +1,1 @@
+"""Architecture specs (data, not code paths) and presets."""

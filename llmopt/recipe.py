@@ -1,0 +1,233 @@
+"""Typed stage configurations and the YAML recipe that chains them.
+
+Each stage's subcommand and the recipe section use the same pydantic model, with
+``extra="forbid"``: a misspelled field is an error naming the field and the allowed names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmopt.errors import UserError
+
+DType = Literal["float32", "float16", "bfloat16"]
+STAGES = ("load", "quantize", "export", "build", "validate")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoadConfig(Strict):
+    source: str = Field(description="local HF checkpoint directory or preset:NAME")
+    dtype: DType = "float32"
+
+
+class CalibrationConfig(Strict):
+    text: Path | None = Field(None, description="text file; default: the calibration text shipped with llmopt")
+    samples: int = Field(64, ge=1)
+    seq_len: int = Field(256, ge=8)
+
+
+class QuantizeConfig(Strict):
+    method: Literal["rtn", "gptq", "awq", "smoothquant"] = "rtn"
+    bits: Literal[4, 8] = 4
+    group_size: int | None = Field(128, description="int4 group size along the input dim; None = per channel")
+    symmetric: bool = True
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"],
+                              description="fnmatch patterns of module names kept in float")
+    calibration: CalibrationConfig = CalibrationConfig()
+    damp: float = Field(0.01, gt=0, description="GPTQ dampening (fraction of mean diagonal)")
+    block_size: int = Field(128, ge=1, description="GPTQ lazy-update block size")
+    act_order: bool = False
+    alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength")
+    awq_grid: int = Field(20, ge=2, description="AWQ scale search grid points")
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantizeConfig":
+        if self.method == "smoothquant" and self.bits != 8:
+            raise ValueError("smoothquant is W8A8: set bits: 8")
+        if self.method == "awq" and self.bits != 4:
+            raise ValueError("awq is int4 weight-only: set bits: 4")
+        if self.group_size is not None and self.group_size not in (32, 64, 128, 256):
+            raise ValueError("group_size must be one of 32, 64, 128, 256 (or null for per channel)")
+        return self
+
+
+class ExportConfig(Strict):
+    opset: int = Field(23, ge=18, le=23)
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class Envelope(Strict):
+    """The serving shape range as [min, opt, max] per axis."""
+
+    batch: tuple[int, int, int] = (1, 1, 4)
+    input_len: tuple[int, int, int] = (1, 128, 1024)
+    total_len: tuple[int, int, int] = (1, 512, 2048)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Envelope":
+        for name in ("batch", "input_len", "total_len"):
+            lo, opt, hi = getattr(self, name)
+            if not 1 <= lo <= opt <= hi:
+                raise ValueError(f"{name} must satisfy 1 <= min <= opt <= max, got {[lo, opt, hi]}")
+        if self.input_len[2] > self.total_len[2]:
+            raise ValueError("input_len max cannot exceed total_len max")
+        return self
+
+
+class BuildConfig(Strict):
+    envelope: Envelope = Field(Envelope(), description="set from the recipe's top-level envelope")
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int | None = Field(None, ge=1, description="intra-op threads; default: physical cores")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits accuracy level (4 = int8 activations)")
+    workspace_gib: float = Field(4.0, gt=0)
+    timing_cache: Path | None = None
+    hardware_compat: Literal["none", "ampere+", "same-compute-capability"] = "none"
+    version_compatible: bool = False
+
+
+class Gates(Strict):
+    max_logits_rel_error: float | None = None
+    max_ppl_increase_pct: float | None = None
+    min_top1_agreement: float | None = None
+    max_kl: float | None = None
+    min_greedy_agreement: float | None = None
+
+
+class ValidateConfig(Strict):
+    eval_text: Path | None = Field(None, description="default: the eval text shipped with llmopt")
+    eval_tokens: int = Field(2048, ge=16)
+    decode_tokens: int = Field(32, ge=1)
+    prompts: list[str] | None = None
+    gates: Gates = Gates()
+
+
+class Recipe(Strict):
+    name: str = "recipe"
+    model: LoadConfig
+    quantize: QuantizeConfig | None = None
+    export: ExportConfig = ExportConfig()
+    envelope: Envelope = Envelope()
+    build: BuildConfig = BuildConfig()
+    validate_: ValidateConfig | None = Field(None, alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One readable line per bad field; unknown fields list the allowed names."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        where = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "recipe"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_names(model, e["loc"][:-1])
+            lines.append(f"• {where}: unknown field; allowed: {', '.join(allowed)}")
+        else:
+            lines.append(f"• {where}: {e['msg']}")
+    return lines
+
+
+def _allowed_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            for f in getattr(current, "model_fields", {}).values():
+                if f.alias == part:
+                    field = f
+        if field is None:
+            break
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) or (ann,):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                current = cand
+                break
+    fields = getattr(current, "model_fields", {})
+    return sorted(f.alias or n for n, f in fields.items())
+
+
+class RecipeError(UserError):
+    def __init__(self, source: str, lines: list[str]) -> None:
+        super().__init__(f"{source}: invalid recipe\n" + "\n".join(lines))
+        self.lines = lines
+
+
+def parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` overrides (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set quantize.bits=8")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    def fix(section: str, field: str) -> None:
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(field), str):
+            sec[field] = str((base / sec[field]).resolve())
+
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("source"), str) and not model["source"].startswith("preset:"):
+        model["source"] = str((base / model["source"]).resolve())
+    fix("validate", "eval_text")
+    fix("build", "timing_cache")
+    q = data.get("quantize")
+    if isinstance(q, dict):
+        cal = q.get("calibration")
+        if isinstance(cal, dict) and isinstance(cal.get("text"), str):
+            cal["text"] = str((base / cal["text"]).resolve())
+    return data
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping with sections {', '.join(('name', 'model') + STAGES[1:])}")
+    data = apply_overrides(data, overrides or [])
+    data = _resolve_paths(data, path.parent.resolve())
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(str(path), format_validation_error(err, Recipe)) from None
+
+
+def validated(model: type[BaseModel], data: dict, what: str) -> Any:
+    """Build a stage config from CLI options with the recipe's error format."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(what, format_validation_error(err, model)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True, exclude_none=False), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Inference sessions over backends (PyTorch, ONNX Runtime, TensorRT) and the shared generation loop."""

@@ -1,0 +1,30 @@
+"""The contract every stage implements.
+
+A stage never prints, never picks paths and never reads globals: the runner gives it its typed
+config, its input artifacts and an empty staging directory; it writes files there and returns the
+stage-specific metadata that goes into the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from llmopt.artifact import Artifact
+from llmopt.progress import Progress
+
+RunFn = Callable[[Any, list[Artifact], Path, Progress], dict]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str                      # subcommand / recipe section name
+    kind: str                      # artifact kind it writes: checkpoint | onnx | engine | report
+    version: int                   # bump when the output for the same inputs changes
+    config_model: type[BaseModel]
+    run: RunFn
+    input_kinds: tuple[str, ...] = ()
+    packages: tuple[str, ...] = field(default=("torch", "transformers"))  # versions that change the output
