@@ -1,0 +1,326 @@
+"""Command-line interface: parse → typed config → runner. Human output on stderr, --json on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from llmopt import __version__
+from llmopt.errors import GateFailed, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a Hugging Face decoder-only LLM into a fast, validated inference artifact.")
+STATE: dict[str, Any] = {"verbose": 0, "quiet": False}
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild even when the output is up to date.")]
+OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Output artifact directory.")]
+
+
+def console() -> Console:
+    return Console(stderr=True, quiet=STATE["quiet"])
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _progress():  # noqa: ANN202
+    from llmopt.progress import Progress
+
+    return Progress(console())
+
+
+def _log(msg: str) -> None:
+    console().print(msg)
+
+
+def emit(payload: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _stage_result(run) -> dict:  # noqa: ANN001
+    a = run.artifact
+    return {"path": str(a.path), "stage": a.stage, "kind": a.kind, "key": a.key, "reused": run.reused,
+            "metadata": a.metadata}
+
+
+@app.callback()
+def _root(verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More output.")] = 0,
+          quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
+          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    STATE.update(verbose=verbose, quiet=quiet)
+    if version:
+        typer.echo(f"llmopt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command("load")
+def load_cmd(source: Annotated[str, typer.Argument(help="Local HF checkpoint dir or preset:NAME.")],
+             output: OutOpt,
+             dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
+             force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Read a checkpoint or preset, check every tensor, write a checkpoint artifact."""
+    from llmopt.recipe import LoadConfig, validated
+    from llmopt.runner import run_stage
+    from llmopt.stages import load
+
+    _quiet_libraries()
+    if not source.startswith("preset:"):
+        source = str(Path(source).resolve())
+    cfg = validated(LoadConfig, {"source": source, "dtype": dtype}, "load")
+    run = run_stage(load.STAGE, cfg, [], output, force=force, progress=_progress(), log=_log)
+    emit(_stage_result(run), as_json)
+
+
+@app.command("quantize")
+def quantize_cmd(ckpt: Annotated[Path, typer.Argument(help="Checkpoint artifact directory.")], output: OutOpt,
+                 method: Annotated[str, typer.Option(help="rtn | gptq | awq | smoothquant")] = "rtn",
+                 bits: Annotated[int, typer.Option(help="4 or 8")] = 4,
+                 group_size: Annotated[Optional[int], typer.Option(help="int4 group size (32/64/128/256); 0 = per channel")] = 128,
+                 symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric")] = True,
+                 calibration: Annotated[Optional[Path], typer.Option(help="Calibration text file.")] = None,
+                 samples: Annotated[int, typer.Option(help="Calibration samples.")] = 64,
+                 seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 256,
+                 ignore: Annotated[Optional[list[str]], typer.Option(help="Module name pattern kept in float (repeatable).")] = None,
+                 act_order: Annotated[bool, typer.Option(help="GPTQ activation order.")] = False,
+                 alpha: Annotated[float, typer.Option(help="SmoothQuant migration strength.")] = 0.5,
+                 force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Quantize weights (RTN, GPTQ, AWQ) or weights+activations (SmoothQuant W8A8)."""
+    from llmopt.artifact import open_artifact
+    from llmopt.recipe import QuantizeConfig, validated
+    from llmopt.runner import run_stage
+    from llmopt.stages import quantize
+
+    _quiet_libraries()
+    data: dict[str, Any] = {"method": method, "bits": bits, "group_size": group_size or None, "symmetric": symmetric,
+                            "calibration": {"text": str(calibration.resolve()) if calibration else None,
+                                            "samples": samples, "seq_len": seq_len},
+                            "act_order": act_order, "alpha": alpha}
+    if ignore is not None:
+        data["ignore"] = ignore
+    cfg = validated(QuantizeConfig, data, "quantize")
+    src = open_artifact(ckpt, ("checkpoint",))
+    run = run_stage(quantize.STAGE, cfg, [src], output, force=force, progress=_progress(), log=_log)
+    emit(_stage_result(run), as_json)
+
+
+@app.command("export")
+def export_cmd(ckpt: Annotated[Path, typer.Argument(help="Checkpoint artifact directory.")], output: OutOpt,
+               opset: Annotated[int, typer.Option(help="ONNX opset (23: standard Attention/RotaryEmbedding/RMSNorm).")] = 23,
+               dtype: Annotated[str, typer.Option(help="float32 | float16")] = "float32",
+               force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Export ONNX with the KV cache as explicit inputs/outputs and dynamic axes."""
+    from llmopt.artifact import open_artifact
+    from llmopt.recipe import ExportConfig, validated
+    from llmopt.runner import run_stage
+    from llmopt.stages import export
+
+    _quiet_libraries()
+    cfg = validated(ExportConfig, {"opset": opset, "dtype": dtype}, "export")
+    src = open_artifact(ckpt, ("checkpoint",))
+    run = run_stage(export.STAGE, cfg, [src], output, force=force, progress=_progress(), log=_log)
+    emit(_stage_result(run), as_json)
+
+
+def _triple(text: Optional[str], name: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{name} {text!r}: expected MIN,OPT,MAX integers", f"e.g. --{name} 1,128,1024") from None
+    if len(vals) != 3:
+        raise UserError(f"--{name} {text!r}: expected three values MIN,OPT,MAX")
+    return vals
+
+
+@app.command("build")
+def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONNX artifact directory.")], output: OutOpt,
+              backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
+              device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+              threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,
+              accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy level (4: int8 activations).")] = 4,
+              workspace: Annotated[float, typer.Option(help="TensorRT workspace GiB.")] = 4.0,
+              timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file (shared).")] = None,
+              hardware_compat: Annotated[str, typer.Option(help="none | ampere+ | same-compute-capability")] = "none",
+              version_compatible: Annotated[bool, typer.Option(help="TensorRT version-compatible engine.")] = False,
+              batch: Annotated[Optional[str], typer.Option(help="Envelope batch MIN,OPT,MAX.")] = None,
+              input_len: Annotated[Optional[str], typer.Option(help="Envelope new tokens MIN,OPT,MAX.")] = None,
+              total_len: Annotated[Optional[str], typer.Option(help="Envelope total length MIN,OPT,MAX.")] = None,
+              force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Build an ONNX Runtime model or a TensorRT engine from an ONNX artifact."""
+    from llmopt.artifact import open_artifact
+    from llmopt.recipe import BuildConfig, validated
+    from llmopt.runner import run_stage
+    from llmopt.stages import build
+
+    env = {k: v for k, v in (("batch", _triple(batch, "batch")), ("input_len", _triple(input_len, "input-len")),
+                             ("total_len", _triple(total_len, "total-len"))) if v is not None}
+    cfg = validated(BuildConfig, {"backend": backend, "device": device, "threads": threads,
+                                  "accuracy_level": accuracy_level, "workspace_gib": workspace,
+                                  "timing_cache": str(timing_cache.resolve()) if timing_cache else None,
+                                  "hardware_compat": hardware_compat, "version_compatible": version_compatible,
+                                  "envelope": env}, "build")
+    src = open_artifact(onnx_dir, ("onnx",))
+    run = run_stage(build.STAGE, cfg, [src], output, force=force, progress=_progress(), log=_log)
+    emit(_stage_result(run), as_json)
+
+
+def _gates(items: Optional[list[str]]) -> dict:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--gate {item!r}: expected NAME=VALUE", "e.g. --gate min_top1_agreement=0.98")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise UserError(f"--gate {item!r}: value is not a number") from None
+    return out
+
+
+@app.command("validate")
+def validate_cmd(engine: Annotated[Path, typer.Argument(help="Engine (or ONNX) artifact directory.")],
+                 output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Report directory (default: ENGINE.report).")] = None,
+                 reference: Annotated[Optional[Path], typer.Option(help="Unquantized checkpoint to compare quality against.")] = None,
+                 eval_text: Annotated[Optional[Path], typer.Option(help="Evaluation text (default: shipped eval text).")] = None,
+                 decode_tokens: Annotated[int, typer.Option(help="Greedy tokens per prompt.")] = 32,
+                 eval_tokens: Annotated[int, typer.Option(help="Teacher-forced tokens.")] = 2048,
+                 gate: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE gate (repeatable), e.g. min_top1_agreement=0.98.")] = None,
+                 force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Compare an artifact with its PyTorch checkpoint: logits, top-1, KL, perplexity, greedy decoding."""
+    from llmopt.artifact import open_artifact
+    from llmopt.recipe import ValidateConfig, validated
+    from llmopt.runner import run_stage, validation_inputs
+    from llmopt.stages import validate
+
+    _quiet_libraries()
+    cfg = validated(ValidateConfig, {"eval_text": str(eval_text.resolve()) if eval_text else None,
+                                     "decode_tokens": decode_tokens, "eval_tokens": eval_tokens,
+                                     "gates": _gates(gate)}, "validate")
+    art = open_artifact(engine, ("engine", "onnx"))
+    ref = open_artifact(reference, ("checkpoint",)) if reference else None
+    out = output or art.path.parent / f"{art.path.name}.report"
+    run = run_stage(validate.STAGE, cfg, validation_inputs(art, ref), out, force=force, progress=_progress(), log=_log)
+    _finish_validation(run.artifact, as_json, {"report": _stage_result(run)})
+
+
+def _finish_validation(report_art, as_json: bool, payload: dict) -> None:  # noqa: ANN001
+    from llmopt.validate_report import check_line
+
+    md = report_art.metadata
+    c = console()
+    for check in md["checks"]:
+        c.print(check_line(check), markup=False, highlight=False)
+    c.print(f"[bold]{'PASSED' if md['passed'] else 'FAILED'}[/] — report: {report_art.path / 'report.md'}")
+    emit(payload | {"passed": md["passed"]}, as_json)
+    if not md["passed"]:
+        raise GateFailed([ch["name"] for ch in md["checks"] if ch["passed"] is False])
+
+
+@app.command("convert")
+def convert_cmd(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+                workdir: Annotated[Optional[Path], typer.Option("-w", "--workdir", help="Work directory (default: work/NAME).")] = None,
+                from_stage: Annotated[Optional[str], typer.Option("--from", help="Rebuild from this stage on.")] = None,
+                force: ForceOpt = False,
+                overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field, e.g. quantize.bits=8.")] = None,
+                as_json: JsonOpt = False) -> None:
+    """Run load → quantize → export → build → validate from a recipe, reusing up-to-date stages."""
+    from llmopt.artifact import open_artifact
+    from llmopt.convert import DIRS, convert
+    from llmopt.recipe import load_recipe
+
+    _quiet_libraries()
+    r = load_recipe(recipe, overrides or [])
+    wd = (workdir or Path("work") / r.name).resolve()
+    try:
+        result = convert(r, wd, from_stage=from_stage, force=force, progress=_progress(), log=_log)
+    except GateFailed as exc:
+        emit(exc.report or {}, as_json)
+        _finish_validation(open_artifact(wd / DIRS["validate"]), False, {})
+        raise
+    if "validation" in result:
+        _finish_validation(open_artifact(wd / DIRS["validate"]), False, {})
+    emit(result, as_json)
+
+
+@app.command("generate")
+def generate_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or checkpoint artifact.")],
+                 prompt: Annotated[list[str], typer.Option(help="Prompt text (repeatable: a batch).")],
+                 max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+                 as_json: JsonOpt = False) -> None:
+    """Greedy generation through the artifact with its KV cache."""
+    from llmopt.artifact import lineage, open_artifact
+    from llmopt.models.loader import load_tokenizer
+    from llmopt.runtime.generate import greedy
+    from llmopt.runtime.open import open_session
+
+    _quiet_libraries()
+    art = open_artifact(engine)
+    ckpt = next((a for a in lineage(art) if a.kind == "checkpoint"), None)
+    tok = load_tokenizer(ckpt.path) if ckpt else None
+    if tok is None:
+        raise UserError(f"{engine}: no tokenizer found in its lineage", "load a checkpoint that has tokenizer files")
+    session = open_session(art)
+    g = greedy(session, [tok(p)["input_ids"] for p in prompt], max_new_tokens)
+    texts = [tok.decode(row.tolist()) for row in g.tokens]
+    for p, t in zip(prompt, texts):
+        console().print(f"[bold]{p}[/]{t}", highlight=False)
+    emit({"prompts": prompt, "completions": texts, "tokens": g.tokens.tolist(), "prefill_ms": g.prefill_s * 1e3,
+          "decode_ms_median": g.decode_ms_median}, as_json)
+
+
+@app.command("inspect")
+def inspect_cmd(directory: Annotated[Path, typer.Argument(help="Artifact directory.")], as_json: JsonOpt = False) -> None:
+    """Show an artifact's manifest, lineage and I/O."""
+    from llmopt.inspect import describe, render
+
+    info = describe(directory)
+    render(info, console())
+    emit(info, as_json)
+
+
+@app.command("doctor")
+def doctor_cmd(as_json: JsonOpt = False) -> None:
+    """Versions, ONNX Runtime providers that actually load, TensorRT and GPU status."""
+    from llmopt.doctor import diagnose, render
+
+    info = diagnose()
+    render(info, console())
+    emit(info, as_json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="llmopt")
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.UsageError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc.format_message()}", highlight=False)
+        return 1
+    except UserError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, markup=False)
+        return 1
+    except GateFailed as exc:
+        Console(stderr=True).print(f"[red]validation failed:[/] {', '.join(exc.failed)}", highlight=False)
+        return 2
+    except click.exceptions.Abort:
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

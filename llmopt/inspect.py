@@ -1,0 +1,48 @@
+"""inspect: an artifact's manifest, lineage and I/O at a glance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from llmopt.artifact import lineage, open_artifact
+
+
+def describe(directory: Path) -> dict:
+    art = open_artifact(directory)
+    m = art.manifest
+    info = {
+        "path": str(art.path), "stage": m["stage"], "kind": m["kind"], "key": m["key"],
+        "created_at": m["created_at"], "duration_s": m["duration_s"], "llmopt_version": m["llmopt_version"],
+        "config": m["config"], "metadata": m["metadata"], "environment": m["environment"],
+        "files": m["files"], "bytes": sum(f["bytes"] for f in m["files"].values()),
+        "lineage": [{"stage": a.stage, "kind": a.kind, "path": str(a.path), "key": a.key} for a in lineage(art)],
+    }
+    io_path = art.path / "io.json"
+    if io_path.exists():
+        info["io"] = json.loads(io_path.read_text())
+    return info
+
+
+def render(info: dict, console: Console) -> None:
+    console.print(f"[bold]{info['kind']}[/] artifact from [bold]{info['stage']}[/] at {info['path']}")
+    console.print(f"key {info['key'][:16]}…  created {info['created_at']}  in {info['duration_s']:.1f}s  "
+                  f"{info['bytes'] / 1e6:.1f} MB")
+    t = Table("lineage", "kind", "path", "key", box=None)
+    for i, a in enumerate(info["lineage"]):
+        t.add_row(("└─ " if i else "") + a["stage"], a["kind"], a["path"], a["key"][:12])
+    console.print(t)
+    if "io" in info:
+        io = info["io"]
+        t = Table("io", "dtype", "shape", box=None)
+        for x in io["inputs"][:5] + io["outputs"][:3]:
+            t.add_row(x["name"], x["dtype"], str(x["shape"]))
+        console.print(t)
+        console.print(f"{io['num_layers']} layers, {io['num_heads']} heads / {io['num_kv_heads']} KV heads, "
+                      f"head_dim {io['head_dim']}, vocab {io['vocab_size']}, KV layout {io['kv_layout']}")
+    md = {k: v for k, v in info["metadata"].items() if not isinstance(v, (dict, list))}
+    if md:
+        console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in md.items()), highlight=False)

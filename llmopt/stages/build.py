@@ -1,0 +1,24 @@
+"""build: dispatch to the ONNX Runtime or TensorRT backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmopt.artifact import Artifact
+from llmopt.progress import Progress
+from llmopt.recipe import BuildConfig
+from llmopt.stages.base import Stage
+
+
+def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
+    if config.backend == "tensorrt":
+        from llmopt.stages import build_trt
+
+        return build_trt.run(config, inputs, out, progress)
+    from llmopt.stages import build_ort
+
+    return build_ort.run(config, inputs, out, progress)
+
+
+STAGE = Stage(name="build", kind="engine", version=1, config_model=BuildConfig, run=run, input_kinds=("onnx",),
+              packages=("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"))
