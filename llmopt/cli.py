@@ -57,14 +57,18 @@ def _stage_result(run) -> dict:  # noqa: ANN001
             "metadata": a.metadata}
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmopt {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More output.")] = 0,
           quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
-          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     STATE.update(verbose=verbose, quiet=quiet)
-    if version:
-        typer.echo(f"llmopt {__version__}")
-        raise typer.Exit(0)
 
 
 @app.command("load")
@@ -303,23 +307,42 @@ def doctor_cmd(as_json: JsonOpt = False) -> None:
     emit(info, as_json)
 
 
+def _click_errors(name: str) -> tuple[type[BaseException], ...]:
+    """Typer vendors its own click; catch both its and click's exception classes."""
+    found = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+
+        found.append(getattr(vendored, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(found)
+
+
+def _error(text: str) -> None:
+    sys.stderr.write(text.rstrip() + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 user error, 2 gate failed)."""
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="llmopt")
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.UsageError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc.format_message()}", highlight=False)
+    except _click_errors("UsageError") as exc:
+        _error(f"error: {exc.format_message()}")  # type: ignore[attr-defined]
         return 1
     except UserError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, markup=False)
+        _error(f"error: {exc}")
         return 1
     except GateFailed as exc:
-        Console(stderr=True).print(f"[red]validation failed:[/] {', '.join(exc.failed)}", highlight=False)
+        _error(f"validation failed: {', '.join(exc.failed)}")
         return 2
-    except click.exceptions.Abort:
+    except (*_click_errors("Abort"), KeyboardInterrupt):
+        _error("aborted")
         return 130
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+    except _click_errors("Exit") as exc:
+        return exc.exit_code  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ class Progress:
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-        if self.console is None or not self.console.is_terminal and not self.console.is_jupyter and self.console.quiet:
+        if self.console is None or self.console.quiet:
+            yield lambda n=1: None
+            return
+        if not self.console.is_terminal:  # logs: one line per task, no live bar
+            self.console.print(f"… {description}", highlight=False, markup=False)
             yield lambda n=1: None
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]

@@ -131,7 +131,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
             allowed = _allowed_names(model, e["loc"][:-1])
             lines.append(f"• {where}: unknown field; allowed: {', '.join(allowed)}")
         else:
-            lines.append(f"• {where}: {e['msg']}")
+            lines.append(f"• {where}: {e['msg'].removeprefix('Value error, ')}")
     return lines
 
 
