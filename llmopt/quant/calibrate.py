@@ -1,0 +1,451 @@
+"""The layer-by-layer calibration driver shared by RTN, GPTQ, AWQ and SmoothQuant.
+
+1. The calibration text is tokenized with the checkpoint's tokenizer into ``samples`` windows of
+   ``seq_len`` tokens at evenly spaced offsets (deterministic; windows overlap when the text is short).
+2. The inputs of decoder layer 0 (hidden states plus every positional/keyword argument the model passes:
+   masks, position ids, rotary embeddings) are captured by temporarily replacing layer 0 with a
+   "catcher" that raises once it has recorded them.
+3. For each decoder layer in order, the layer's linears are processed in "sub-layer" groups in execution
+   order (linears sharing one input form a group: q/k/v, o, gate/up, down for Llama). For each group:
+   its input statistics (``H = Σ x xᵀ``, mean and max |x| per channel) are collected with a forward
+   pre-hook while running the layer on the calibration batches — stopping the forward right there — so
+   each group sees the already-quantized outputs of the groups and layers before it (GPTQ's
+   "true sequential" order); AWQ / SmoothQuant fold their scales for the group's smooth group; the
+   group's linears are quantized and their weights replaced by the dequantized ones; the relative output
+   error ``||(W - Ŵ) X||² / ||W X||²`` is recorded for the method and for RTN on the same inputs.
+4. The layer is run once more with its quantized weights; its outputs are the next layer's inputs.
+
+Peak memory is the model plus one layer's inputs and outputs for the calibration set (and one group's
+statistics). Linears outside the decoder layers (``lm_head``) are quantized weight-only with RTN when
+not ignored; embeddings are always kept in float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmopt.errors import UserError
+from llmopt.models.registry import ArchSpec, SmoothGroup, spec_for
+from llmopt.progress import SILENT, Progress
+from llmopt.quant import awq as _awq
+from llmopt.quant import smoothquant as _sq
+from llmopt.quant.gptq import gptq_quantize
+from llmopt.quant.rtn import QTensor, output_error, quantize
+
+SQ_SAMPLE_TOKENS = 4096  # token rows kept per SmoothQuant group to measure the W8A8 output error
+
+
+# ----------------------------------------------------------------------------------------------------
+# calibration data
+
+
+def calibration_ids(text: str, tokenizer: Any, samples: int, seq_len: int) -> torch.Tensor:
+    """``[samples, seq_len]`` token ids: windows at evenly spaced offsets of the tokenized text."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return windows(ids, samples, seq_len)
+
+
+def windows(ids: list[int] | torch.Tensor, samples: int, seq_len: int) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    if ids.numel() < seq_len:
+        raise UserError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}",
+                        "use a longer calibration text or a smaller --seq-len")
+    span = ids.numel() - seq_len
+    starts = [round(i * span / (samples - 1)) if samples > 1 else 0 for i in range(samples)]
+    return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+# ----------------------------------------------------------------------------------------------------
+# module access (GPT-2 Conv1D stores [in, out]; everything here works on [out, in])
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as a float32 ``[out, in]`` copy."""
+    w = module.weight.detach()
+    return (w.t() if type(module).__name__ == "Conv1D" else w).float().clone()
+
+
+def set_weight(module: nn.Module, w: torch.Tensor) -> None:
+    """Set the weight from ``[out, in]``, keeping the module's dtype and orientation."""
+    p = module.weight
+    new = (w.t() if type(module).__name__ == "Conv1D" else w).to(p.dtype).contiguous()
+    with torch.no_grad():
+        if p.shape == new.shape:
+            p.copy_(new)
+        else:
+            raise ValueError(f"shape mismatch: {tuple(p.shape)} vs {tuple(new.shape)}")
+
+
+def untie(module: nn.Module) -> None:
+    """Give ``module`` its own weight Parameter (lm_head tied to the embedding)."""
+    module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+
+
+def fold_scales(layer: nn.Module, group: SmoothGroup, s: torch.Tensor,
+                qtensors: dict[str, QTensor] | None = None, prefix: str = "") -> None:
+    """Fold per-channel ``s`` into a smooth group: ``prev`` output divided by s, linears' inputs × s.
+
+    ``prev`` is a norm (weight, and bias if any, divided by s) or a linear (output rows and bias
+    divided by s; if it is already quantized, its ``QTensor`` row scales are divided instead, which is
+    exact). The float function of the layer is unchanged.
+    """
+    s = s.detach().float()
+    prev = layer.get_submodule(group.prev)
+    with torch.no_grad():
+        if is_linear(prev):
+            name = prefix + group.prev
+            if qtensors is not None and name in qtensors:
+                qtensors[name].scale_rows(1.0 / s)
+                set_weight(prev, qtensors[name].dequantize())
+            else:
+                set_weight(prev, get_weight(prev) / s.unsqueeze(1))
+        else:
+            prev.weight.copy_((prev.weight.float() / s).to(prev.weight.dtype))
+        bias = getattr(prev, "bias", None)
+        if bias is not None:
+            bias.copy_((bias.float() / s).to(bias.dtype))
+        for lin in group.linears:
+            m = layer.get_submodule(lin)
+            set_weight(m, get_weight(m) * s.unsqueeze(0))
+
+
+def sublayer_groups(spec: ArchSpec) -> list[tuple[str, ...]]:
+    """The layer's linears in execution order, those sharing an input grouped together."""
+    shared = {g.linears[0]: g.linears for g in spec.smooth_groups}
+    members = {lin for g in spec.smooth_groups for lin in g.linears}
+    groups: list[tuple[str, ...]] = []
+    for lin in spec.linears:
+        if lin in shared:
+            groups.append(shared[lin])
+        elif lin not in members:
+            groups.append((lin,))
+    return groups
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize_model` produced; the model itself now holds the dequantized weights."""
+
+    qtensors: dict[str, QTensor] = field(default_factory=dict)       # module name -> QTensor [out, in]
+    act_qparams: dict[str, dict] = field(default_factory=dict)       # W8A8 linear -> {scale, zero_point, dtype}
+    errors: dict[str, dict] = field(default_factory=dict)            # linear -> {method, rtn} rel. output MSE
+    ignored: list[str] = field(default_factory=list)                 # linear modules kept in float
+    smoothing: dict[str, dict] = field(default_factory=dict)         # AWQ/SQ: group -> search info
+    layer_seconds: list[float] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    untied_lm_head: bool = False
+
+    def error_summary(self) -> dict:
+        pairs = [(e["method"], e["rtn"]) for e in self.errors.values() if e.get("rtn")]
+        if not pairs:
+            return {}
+        import math
+
+        ratios = [m / r for m, r in pairs if r > 0]
+        return {
+            "linears": len(pairs),
+            "mean_rel_mse": sum(m for m, _ in pairs) / len(pairs),
+            "mean_rel_mse_rtn": sum(r for _, r in pairs) / len(pairs),
+            "geomean_ratio_vs_rtn": math.exp(sum(math.log(max(x, 1e-30)) for x in ratios) / len(ratios)) if ratios else None,
+            "worse_than_rtn": sum(1 for m, r in pairs if m > r * (1 + 1e-6)),
+        }
+
+
+class _Stop(Exception):
+    """Raised by a collection hook to end the layer forward once its input was seen."""
+
+
+class _Stats:
+    """Input statistics of one linear group: Hessian, per-channel mean/max |x|, optional token sample."""
+
+    def __init__(self, n: int, sample_every: int = 0) -> None:
+        self.h = torch.zeros(n, n)
+        self.abs_sum = torch.zeros(n, dtype=torch.float64)
+        self.absmax = torch.zeros(n)
+        self.count = 0
+        self.sample_every = sample_every
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.h.addmm_(x.t(), x)
+        ax = x.abs()
+        self.abs_sum += ax.sum(0, dtype=torch.float64)
+        self.absmax = torch.maximum(self.absmax, ax.amax(0))
+        self.count += x.shape[0]
+        if self.sample_every:
+            self.samples.append(x[:: self.sample_every].clone())
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.count, 1)).float()
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.zeros(0, self.h.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the driver
+
+
+class _Catcher(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.captured: list[tuple[tuple, dict]] = []
+
+    def __getattr__(self, name: str) -> Any:  # model code may read layer attributes (attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.captured.append((args, kwargs))
+        raise _Stop
+
+
+def _layer_out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor,
+                          batch: int) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """Per batch: (hidden states, other positional args, keyword args) as passed to layer 0."""
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        for i in range(0, ids.shape[0], batch):
+            try:
+                model(input_ids=ids[i:i + batch], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        layers[0] = catcher.layer
+    out = []
+    for args, kwargs in catcher.captured:
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        out.append((hidden, rest, kwargs))
+    return out
+
+
+def _effective(qt: QTensor, col_scale: torch.Tensor | None) -> torch.Tensor:
+    w = qt.dequantize()
+    return w / col_scale.unsqueeze(0) if col_scale is not None else w
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None,
+                   progress: Progress = SILENT, batch_tokens: int = 4096) -> QuantResult:
+    """Quantize ``model`` in place following ``config`` (a ``QuantizeConfig``); see the module doc.
+
+    ``calib_ids`` (``[samples, seq_len]``) may be None only for RTN (then no errors are recorded).
+    """
+    spec = spec_for(getattr(model.config, "model_type", None))
+    method, bits = config.method, config.bits
+    group_size = None if bits == 8 else config.group_size
+    symmetric = True if method == "smoothquant" else config.symmetric
+    patterns = list(config.ignore)
+    layers: nn.ModuleList = model.get_submodule(spec.layers_path)
+    res = QuantResult()
+    check_targets(model, spec, patterns, group_size)
+    if calib_ids is None and method != "rtn":
+        raise UserError(f"{method} needs calibration data")
+
+    if calib_ids is not None:
+        seq_len = calib_ids.shape[1]
+        batch = max(1, batch_tokens // seq_len)
+        t0 = time.perf_counter()
+        cached = capture_layer0_inputs(model, layers, calib_ids, batch)
+        res.calibration = {"samples": int(calib_ids.shape[0]), "seq_len": int(seq_len),
+                           "tokens": int(calib_ids.numel()), "batch": batch,
+                           "capture_s": round(time.perf_counter() - t0, 3)}
+    else:
+        cached = None
+
+    groups = sublayer_groups(spec)
+    smooth_by_first = {g.linears[0]: g for g in spec.smooth_groups}
+    with progress.task(f"{method} int{bits}: decoder layers", total=len(layers)) as advance:
+        for li, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            prefix = f"{spec.layers_path}.{li}."
+            hooks: list[Any] = []
+            try:
+                for grp in groups:
+                    names = [prefix + lin for lin in grp]
+                    targets = [lin for lin, n in zip(grp, names) if not is_ignored(n, patterns)]
+                    res.ignored += [n for n in names if is_ignored(n, patterns)]
+                    if not targets:
+                        continue
+                    stats = None
+                    if cached is not None:
+                        every = 0
+                        if method == "smoothquant":
+                            every = max(1, res.calibration["tokens"] // SQ_SAMPLE_TOKENS)
+                        stats = _collect(layer, layer.get_submodule(grp[0]), cached, every)
+                    _quantize_group(layer, grp, targets, prefix, smooth_by_first.get(grp[0]), stats,
+                                    config, method, bits, group_size, symmetric, res)
+                    if method == "smoothquant":
+                        for lin in targets:
+                            hooks.append(_act_hook(layer.get_submodule(lin), res.act_qparams[prefix + lin]))
+                if cached is not None:
+                    cached = [(_layer_out(layer(h, *rest, **kw)), rest, kw) for h, rest, kw in cached]
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            res.layer_seconds.append(round(time.perf_counter() - t0, 3))
+            advance(1)
+
+    _quantize_outside_layers(model, spec, patterns, bits, group_size, symmetric, res)
+    return res
+
+
+def check_targets(model: nn.Module, spec: ArchSpec, patterns: list[str], group_size: int | None) -> None:
+    """Every linear to be quantized exists and its in_features is divisible by the group size."""
+    layers = model.get_submodule(spec.layers_path)
+    for li in range(len(layers)):
+        for lin in spec.linears:
+            name = f"{spec.layers_path}.{li}.{lin}"
+            try:
+                m = model.get_submodule(name)
+            except AttributeError:
+                raise UserError(f"{name}: not found in the model", "the checkpoint does not match its architecture spec") from None
+            if is_ignored(name, patterns) or group_size is None:
+                continue
+            in_f = get_weight(m).shape[1]
+            if in_f % group_size:
+                raise UserError(f"group size {group_size} does not divide {name}'s {in_f} input features",
+                                "choose a group size that divides the hidden and intermediate sizes")
+
+
+def _collect(layer: nn.Module, first: nn.Module, cached: list, sample_every: int) -> _Stats:
+    n = get_weight(first).shape[1]
+    stats = _Stats(n, sample_every)
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        stats.add(args[0])
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        for h, rest, kw in cached:
+            try:
+                layer(h, *rest, **kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return stats
+
+
+def _act_hook(module: nn.Module, qp: dict) -> Any:
+    scale, zp = qp["scale"], qp["zero_point"]
+
+    def pre(_m: nn.Module, args: tuple) -> tuple:
+        return (_sq.fake_quant_activation(args[0], scale, zp),) + tuple(args[1:])
+
+    return module.register_forward_pre_hook(pre)
+
+
+def _quantize_group(layer: nn.Module, grp: tuple[str, ...], targets: list[str], prefix: str,
+                    smooth: SmoothGroup | None, stats: _Stats | None, config: Any, method: str, bits: int,
+                    group_size: int | None, symmetric: bool, res: QuantResult) -> None:
+    mods = {lin: layer.get_submodule(lin) for lin in grp}
+    w_orig = {lin: get_weight(mods[lin]) for lin in targets}
+    col_scale: torch.Tensor | None = None
+    gname = prefix + (smooth.prev if smooth else grp[0])
+
+    if smooth is not None and stats is not None and method in ("awq", "smoothquant"):
+        if method == "awq":
+            col_scale, info = _awq.search_scale([w_orig[t] for t in targets], stats.h, stats.mean_abs, bits,
+                                                group_size, symmetric, grid=config.awq_grid)
+        else:
+            col_scale = _sq.smooth_scales(stats.absmax, [w_orig[t] for t in targets], config.alpha)
+            info = {"alpha": config.alpha}
+        info.update(prev=prefix + smooth.prev, linears=[prefix + t for t in smooth.linears],
+                    scale_min=float(col_scale.min()), scale_max=float(col_scale.max()))
+        res.smoothing[gname] = info
+        fold_scales(layer, smooth, col_scale, res.qtensors, prefix)
+
+    for lin in targets:
+        name = prefix + lin
+        w = get_weight(mods[lin])  # after folding
+        if method == "gptq":
+            qt = gptq_quantize(w, stats.h, bits, group_size, symmetric, damp=config.damp,
+                               block_size=config.block_size, act_order=config.act_order)
+        elif method == "awq" and stats is not None:
+            clip = None
+            if not any(k in lin for k in ("q_proj", "k_proj", "qkv", "c_attn")):  # AWQ skips q/k clipping
+                h_s = stats.h if col_scale is None else stats.h / col_scale.unsqueeze(0) / col_scale.unsqueeze(1)
+                clip = _awq.search_clip(w, h_s, bits, group_size, symmetric, grid=config.awq_grid)
+            qt = quantize(w, bits, group_size, symmetric, clip)
+        else:
+            qt = quantize(w, bits, group_size, symmetric)
+        res.qtensors[name] = qt
+        set_weight(mods[lin], qt.dequantize())
+
+        if method == "smoothquant" and stats is not None:
+            smoothed_absmax = stats.absmax / col_scale if col_scale is not None else stats.absmax
+            scale, zp = _sq.activation_qparams(float(smoothed_absmax.max()))
+            res.act_qparams[name] = {"scale": scale, "zero_point": zp, "dtype": _sq.ACT_DTYPE}
+            x = stats.sample()
+            naive_scale, _ = _sq.activation_qparams(float(stats.absmax.max()))
+            rtn_w = quantize(w_orig[lin], bits, None, True).dequantize()
+            res.errors[name] = {
+                "method": _sq.w8a8_output_error(x, w_orig[lin], qt.dequantize(), scale, col_scale),
+                "rtn": _sq.w8a8_output_error(x, w_orig[lin], rtn_w, naive_scale),
+                "weight_only_rtn": output_error(w_orig[lin], rtn_w, stats.h),
+                "act_scale": scale,
+            }
+        elif stats is not None:
+            rtn_w = quantize(w_orig[lin], bits, group_size, symmetric).dequantize()
+            res.errors[name] = {"method": output_error(w_orig[lin], _effective(qt, col_scale), stats.h),
+                                "rtn": output_error(w_orig[lin], rtn_w, stats.h)}
+
+
+def _quantize_outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[str], bits: int,
+                             group_size: int | None, symmetric: bool, res: QuantResult) -> None:
+    """Weight-only RTN for linears outside the decoder layers (lm_head) unless ignored."""
+    inside = spec.layers_path + "."
+    emb = model.get_input_embeddings()
+    for name, m in list(model.named_modules()):
+        if not name or name.startswith(inside) or not is_linear(m):
+            continue
+        if is_ignored(name, patterns):
+            res.ignored.append(name)
+            continue
+        w = get_weight(m)
+        if group_size is not None and w.shape[1] % group_size:
+            raise UserError(f"group size {group_size} does not divide {name}'s {w.shape[1]} input features",
+                            f"add --ignore {name}")
+        if emb is not None and m.weight is getattr(emb, "weight", None):
+            untie(m)
+            res.untied_lm_head = True
+        qt = quantize(w, bits, group_size, symmetric)
+        res.qtensors[name] = qt
+        set_weight(m, qt.dequantize())

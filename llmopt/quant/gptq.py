@@ -1,0 +1,125 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"), for one linear layer.
+
+Given the layer's calibration inputs through ``H = Σ x xᵀ`` (proportional to the paper's ``2 X Xᵀ``;
+the constant does not matter since dampening is relative), quantize the columns of ``W`` one at a
+time and push each column's rounding error onto the not-yet-quantized columns through the inverse
+Hessian, which minimizes ``||W X - Q X||²`` greedily:
+
+* dead inputs (``H_jj == 0``, never active on the calibration data) get ``H_jj = 1`` and ``W[:, j] = 0``;
+* dampening: ``H += damp · mean(diag H) · I`` (retried with 10× more if Cholesky still fails);
+* ``Hinv = cholesky(H⁻¹, upper=True)``: the rows of the upper Cholesky factor of the inverse are
+  exactly the OBS update vectors for the sequential elimination order;
+* lazy batch updates: errors are applied inside a block of ``block_size`` columns immediately and to the
+  rest of the matrix once per block (one matmul);
+* act-order (``act_order=True``): columns are processed by decreasing ``H_jj``; groups stay contiguous
+  runs of ``group_size`` ORIGINAL input columns (the layout ONNX block-wise ``DequantizeLinear`` needs,
+  no ``g_idx``), so a group's scale is fixed when the first of its columns is reached;
+* group scales are computed when a group is entered, from the group's CURRENT weights (with all error
+  updates so far, including the block's pending lazy updates), as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.quant.rtn import QTensor, compute_qparams, group_count, qrange
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)`` (float64)."""
+    h = h.double()
+    n = h.shape[0]
+    mean_diag = float(torch.diagonal(h).mean())
+    lam = damp * (mean_diag if mean_diag > 0 else 1.0)
+    for _ in range(6):
+        hd = h + lam * torch.eye(n, dtype=h.dtype)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper
+        lam *= 10
+    raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even with heavy dampening")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+                  symmetric: bool = True, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False) -> QTensor:
+    """Quantize ``weight`` ``[out, in]`` with GPTQ given ``hessian`` ``[in, in]`` of its inputs."""
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"shapes do not match: weight {tuple(weight.shape)}, hessian {tuple(hessian.shape)}")
+    out_f, in_f = weight.shape
+    ng = group_count(in_f, group_size)
+    gsize = in_f // ng
+    qmin, qmax = qrange(bits)
+
+    W = weight.detach().float().clone()
+    H = hessian.detach().double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    else:
+        perm = torch.arange(in_f)
+    invperm = torch.argsort(perm)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    Hinv = inverse_hessian_factor(H, damp).float()
+    del H
+
+    # work on the transpose: a column of W is a contiguous row here (rank-1 updates are BLAS `ger`)
+    Wt = W.t().contiguous()  # [in (permuted), out]
+    del W
+    scale = torch.zeros(ng, out_f)
+    zero = torch.zeros(ng, out_f) if not symmetric else None
+    entered = torch.zeros(ng, dtype=torch.bool)
+    Q = torch.zeros(in_f, out_f, dtype=torch.int8)  # permuted column order, transposed
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        count = i2 - i1
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.zeros(count, out_f)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            g = int(perm[i1 + i]) // gsize
+            if not entered[g]:
+                # current values of the group's columns (all still unquantized), pending updates included
+                pos = invperm[g * gsize:(g + 1) * gsize]
+                cur = torch.empty(gsize, out_f)
+                inblk = pos < i2
+                if inblk.any():
+                    cur[inblk] = W1[pos[inblk] - i1]
+                if (~inblk).any():
+                    later = pos[~inblk]
+                    cur[~inblk] = Wt[later] - Hinv[i1:i1 + i, later].t() @ Err1[:i]
+                s, z = compute_qparams(cur.t(), bits, symmetric)
+                scale[g] = s.squeeze(-1)
+                if zero is not None:
+                    zero[g] = z.squeeze(-1).float()
+                entered[g] = True
+            s = scale[g]
+            w = W1[i]
+            qi = torch.round(w / s)
+            if zero is not None:
+                z = zero[g]
+                qi = (qi + z).clamp_(qmin, qmax)
+                dq = (qi - z) * s
+            else:
+                qi = qi.clamp_(qmin, qmax)
+                dq = qi * s
+            Q[i1 + i] = qi.to(torch.int8)
+            err = (w - dq) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+            Err1[i] = err
+        if i2 < in_f:
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
+
+    return QTensor(q=Q[invperm].t().contiguous(), scale=scale.t().contiguous(),
+                   zero_point=None if zero is None else zero.t().to(torch.int8).contiguous(), bits=bits,
+                   group_size=None if ng == 1 else gsize, symmetric=symmetric)

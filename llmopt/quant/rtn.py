@@ -1,0 +1,139 @@
+"""Round-to-nearest weight quantization and the ``QTensor`` every method produces.
+
+Conventions (shared by GPTQ, AWQ, SmoothQuant, the checkpoint format and the ONNX export):
+
+* weights are ``[out, in]`` (``nn.Linear`` orientation), quantized along the input dimension:
+  one scale per output row (``group_size=None``, "per channel") or one per row and per block of
+  ``group_size`` consecutive input columns (``scale`` is ``[out, in // group_size]``);
+* integers are always SIGNED: ``[-2^(b-1), 2^(b-1) - 1]`` (int8: [-128, 127], int4: [-8, 7]), stored
+  unpacked in an int8 tensor here (see :mod:`llmopt.quant.packing` for the 4-bit file layout);
+* dequantization is ONNX ``DequantizeLinear``'s: ``w = (q - zero_point) * scale``;
+* symmetric: ``scale = absmax / (2^(b-1) - 1)``, no zero point (it is 0); q never reaches -2^(b-1);
+* asymmetric: ``scale = (max - min) / (2^b - 1)`` over a range that always contains 0, and an int8 zero
+  point in the same signed range, ``zero_point = qmin - round(min / scale)``;
+* an all-zero row/group gets ``scale = 1`` (and q = zero point), so scales are never 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+@dataclass
+class QTensor:
+    """An integer weight with its scales: ``dequantize() == (q - zero_point) * scale`` group-wise."""
+
+    q: torch.Tensor                   # int8 [out, in]
+    scale: torch.Tensor               # float32 [out, in // group_size] or [out, 1]
+    zero_point: torch.Tensor | None   # int8, same shape as scale; None when symmetric
+    bits: int
+    group_size: int | None            # None = one scale per output channel
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_values(self.q, self.scale, self.zero_point).to(dtype)
+
+    def scale_rows(self, factor: torch.Tensor) -> None:
+        """Multiply output row ``i`` of the dequantized weight by ``factor[i] > 0``, exactly (scales only)."""
+        self.scale = (self.scale * factor.reshape(-1, 1).to(self.scale.dtype)).contiguous()
+
+
+def group_count(in_features: int, group_size: int | None) -> int:
+    if group_size is None or group_size >= in_features:
+        return 1
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+    return in_features // group_size
+
+
+def _grouped(x: torch.Tensor, ngroups: int) -> torch.Tensor:
+    out, n = x.shape
+    return x.reshape(out, ngroups, n // ngroups)
+
+
+def compute_qparams(w: torch.Tensor, bits: int, symmetric: bool,
+                    clip: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) of each row of ``w`` (``[..., k]`` → ``[..., 1]``).
+
+    ``clip`` (scalar or broadcastable to ``[..., 1]``) shrinks the range before computing the scale
+    (AWQ's clipping search); values beyond it then saturate.
+    """
+    qmin, qmax = qrange(bits)
+    w = w.float()
+    if symmetric:
+        amax = w.abs().amax(dim=-1, keepdim=True)
+        if clip is not None:
+            amax = amax * clip
+        scale = amax / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, None
+    lo = w.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = w.amax(dim=-1, keepdim=True).clamp(min=0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zp.to(torch.int8)
+
+
+def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    bits: int) -> torch.Tensor:
+    """Integers for ``w`` given per-row/per-group parameters broadcastable against ``w`` (grouped view)."""
+    qmin, qmax = qrange(bits)
+    q = torch.round(w.float() / scale)
+    if zero_point is not None:
+        q = q + zero_point.float()
+    return q.clamp(qmin, qmax).to(torch.int8)
+
+
+def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """``(q - zero_point) * scale`` with ``scale`` ``[out, ngroups]`` applied to ``q`` ``[out, in]``."""
+    ng = scale.shape[-1]
+    qg = _grouped(q.float(), ng)
+    if zero_point is not None:
+        qg = qg - zero_point.float().unsqueeze(-1)
+    return (qg * scale.float().unsqueeze(-1)).reshape(q.shape)
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+             clip: torch.Tensor | None = None) -> QTensor:
+    """Round-to-nearest ``w`` ``[out, in]``; ``clip`` is an optional ``[out, ngroups]`` range factor."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    ng = group_count(w.shape[1], group_size)
+    wg = _grouped(w.float(), ng)
+    c = clip.unsqueeze(-1) if isinstance(clip, torch.Tensor) else clip
+    scale, zp = compute_qparams(wg, bits, symmetric, c)
+    q = quantize_values(wg, scale, zp, bits).reshape(w.shape)
+    return QTensor(q=q, scale=scale.squeeze(-1).contiguous(),
+                   zero_point=None if zp is None else zp.squeeze(-1).contiguous(),
+                   bits=bits, group_size=None if ng == 1 else group_size, symmetric=symmetric)
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return qt.dequantize(dtype)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                  clip: torch.Tensor | None = None) -> torch.Tensor:
+    return quantize(w, bits, group_size, symmetric, clip).dequantize(torch.float32)
+
+
+def output_error(w_ref: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output MSE ``||(W - Wq) X||² / ||W X||²`` from ``H = Σ x xᵀ`` (no need to keep X)."""
+    h = hessian.double()
+    d = (w_ref.double() - w_q.double())
+    num = ((d @ h) * d).sum()
+    den = ((w_ref.double() @ h) * w_ref.double()).sum()
+    return float(num / den) if den > 0 else float(num)
