@@ -1,8 +1,10 @@
 """build, backend tensorrt: ONNX artifact → ``model.engine`` + ``engine.json`` + ``build.log``.
 
-The lead's build dispatcher calls :func:`run` when ``config.backend == "tensorrt"``. Profiles are derived
-from the envelope and checked against TensorRT's rules here, on any machine, before TensorRT is needed;
-then the adapter builds (it raises the install hint without TensorRT or a GPU).
+The build dispatcher calls :func:`run` when ``config.backend == "tensorrt"``. TensorRT engines are
+CUDA-only, so ``config.device`` is not consulted: the CLI's default ``--device cpu`` must not stop
+``llmopt build ONNX -o DIR --backend tensorrt``. Profiles are derived from the envelope and checked
+against TensorRT's rules here, on any machine, before TensorRT is needed; then the adapter builds (it
+raises the install hint without TensorRT or a GPU).
 """
 
 from __future__ import annotations
@@ -36,9 +38,6 @@ def read_onnx_artifact(artifact: Artifact) -> tuple[Path, dict]:
 def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     if config.backend != "tensorrt":
         raise ValueError(f"build_trt.run called for backend {config.backend!r}")
-    if config.device != "cuda":
-        raise UserError(f"build.device is {config.device!r}: TensorRT engines run on CUDA GPUs only",
-                        "set build.device: cuda (or --device cuda)")
     onnx_path, io = read_onnx_artifact(inputs[0])
     profiles = derive_profiles(config.envelope, io)
 
@@ -58,6 +57,7 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
     (out / ENGINE_JSON).write_text(json.dumps(meta, indent=2))
     return {
         "backend": "tensorrt",
+        "device": "cuda",
         "tensorrt_version": info["tensorrt_version"],
         "gpu": gpu.to_json(),
         "precision": precision_of(io)["mode"],

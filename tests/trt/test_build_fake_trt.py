@@ -160,12 +160,12 @@ def test_without_gpu_the_hint_says_install(tmp_path: Path, fake_trt, monkeypatch
         build(tmp_path, fake_trt, io)
 
 
-def test_cpu_device_is_refused(tmp_path: Path, io: dict) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
+def test_device_default_does_not_block_tensorrt(tmp_path: Path, fake_trt, fake_gpu, cache_dir: Path,
+                                                io: dict) -> None:  # noqa: ANN001
+    # `llmopt build ONNX -o DIR --backend tensorrt` passes the CLI's default --device cpu
     cfg = BuildConfig(envelope=ENV, backend="tensorrt", device="cpu")
-    with pytest.raises(UserError, match="set build.device: cuda"):
-        build_trt.run(cfg, [onnx_artifact(tmp_path / "onnx", io)], out, SILENT)
+    _, _, out, meta = build(tmp_path, fake_trt, io, cfg)
+    assert meta["device"] == "cuda" and (out / "model.engine").read_bytes() == PLAN
 
 
 def test_status_for_doctor(fake_trt, fake_gpu, io: dict, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
