@@ -143,7 +143,7 @@ def save_quantized(model: torch.nn.Module, result: Any, out_dir: Path, scheme: d
             "zero_points": "int8 unpacked, same shape as scales" if has_zeros else None,
             "dequantize": "(q - zeros) * scales, scales [out, in // group_size] or [out, 1]",
         },
-        "activation": ({"dtype": "uint8", "zero_point": 128, "granularity": "per tensor, static",
+        "activations": ({"dtype": "uint8", "zero_point": 128, "granularity": "per tensor, static",
                         "note": "identical to int8 with zero point 0 and the same scale"}
                        if result.act_qparams else None),
         "modules": modules,

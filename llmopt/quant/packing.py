@@ -31,7 +31,7 @@ def pack_int4(q: torch.Tensor, signed: bool = True) -> torch.Tensor:
         raise ValueError(f"values outside the {'int4' if signed else 'uint4'} range [{lo}, {hi}]")
     nib = v & 0xF  # two's complement nibble for negatives
     packed = nib[..., 0::2] | (nib[..., 1::2] << 4)
-    return packed.to(torch.uint8)
+    return packed.to(torch.uint8).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
