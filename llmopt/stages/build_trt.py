@@ -10,7 +10,11 @@ raises the install hint without TensorRT or a GPU).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
+
+import onnx
 
 from llmopt.artifact import Artifact
 from llmopt.errors import UserError
@@ -18,6 +22,7 @@ from llmopt.progress import Progress
 from llmopt.recipe import BuildConfig
 from llmopt.trt.compat import ENGINE_FILE, ENGINE_JSON, engine_metadata, precision_of
 from llmopt.trt.profiles import derive_profiles
+from llmopt.trt.qdq import external_files, int8_from_uint8, qdq_problems
 
 BUILD_LOG = "build.log"
 PACKAGES = ("tensorrt",)  # versions that change the output, for the build stage's cache key
@@ -40,13 +45,27 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
         raise ValueError(f"build_trt.run called for backend {config.backend!r}")
     onnx_path, io = read_onnx_artifact(inputs[0])
     profiles = derive_profiles(config.envelope, io)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    rewritten = int8_from_uint8(model)
+    problems = qdq_problems(model, onnx_path.parent)
+    if problems:
+        raise UserError(f"{onnx_path}: {len(problems)} Q/DQ node(s) TensorRT cannot build, first: {problems[0]}",
+                        "quantize with symmetric, signed int8 activations (zero point 0) for TensorRT")
 
     from llmopt.trt import adapter  # the stage stays importable without tensorrt
 
     lines: list[str] = []
     try:
-        with progress.task("build TensorRT engine (strongly typed)"):
-            engine, info = adapter.build_engine(onnx_path, profiles, config, lines.append)
+        with tempfile.TemporaryDirectory(prefix="llmopt-trt-") as tmp:
+            parse_path = onnx_path
+            if rewritten:  # parse a copy whose external data links to the original file
+                lines.append(f"[llmopt] {rewritten} uint8 zero points of 128 rewritten as int8 zero points of 0")
+                parse_path = Path(tmp) / onnx_path.name
+                parse_path.write_bytes(model.SerializeToString())
+                for name in external_files(model):
+                    os.symlink((onnx_path.parent / name).resolve(), Path(tmp) / name)
+            with progress.task("build TensorRT engine (strongly typed)"):
+                engine, info = adapter.build_engine(parse_path, profiles, config, lines.append)
     finally:
         (out / BUILD_LOG).write_text("\n".join(lines) + ("\n" if lines else ""))
     (out / ENGINE_FILE).write_bytes(engine)
@@ -67,4 +86,5 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
         "engine_bytes": len(engine),
         "build_s": info["build_s"],
         "timing_cache": info["timing_cache"],
+        "onnx_rewrites": {"uint8_zero_point_128_to_int8": rewritten},
     }

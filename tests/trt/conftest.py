@@ -36,10 +36,25 @@ def make_io(dtype: str = "float16", quantization: dict | None = None) -> dict:
 
 def onnx_artifact(directory: Path, io: dict) -> Artifact:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model.onnx").write_bytes(b"not parsed by the fake")
-    (directory / "model.onnx.data").write_bytes(b"\0" * 64)
+    tiny_onnx(directory / "model.onnx")
     (directory / "io.json").write_text(json.dumps(io))
     return Artifact(directory, {"kind": "onnx", "stage": "export", "key": "k" * 64, "metadata": {}})
+
+
+def tiny_onnx(path: Path, nodes: list | None = None, initializers: list | None = None) -> Path:
+    """A valid ONNX file (the fake parser never reads it; the Q/DQ check does), weights in model.onnx.data."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((16, 16), np.float32), "w")
+    graph = helper.make_graph(nodes or [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+                              [w, *(initializers or [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return path
 
 
 @pytest.fixture

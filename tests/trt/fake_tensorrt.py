@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import os
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,9 @@ def make_module(rec: Recorder, io: dict, *, network_inputs: list[dict] | None = 
 
         def parse_from_file(self, path: str) -> bool:
             rec.add("parser.parse_from_file", path)
+            folder = os.path.dirname(path)  # what the real parser would find there: the model and its data
+            with open(path, "rb") as f:
+                rec.add("parser.saw", sorted(os.listdir(folder)), f.read())
             return parse_ok
 
         def get_error(self, i: int) -> str:
