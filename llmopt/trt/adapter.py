@@ -151,7 +151,7 @@ def build_engine(onnx_path: Path, profiles: list[Profile], config: BuildConfig, 
 
     def merge(current: bytes) -> bytes:
         if current and current != loaded and not ours.combine(cfg.create_timing_cache(current), False):
-            log(f"[llmopt] could not merge the timing cache on disk into this build's; replacing it")
+            log("[llmopt] could not merge the timing cache on disk into this build's; replacing it")
         return bytes(ours.serialize())
 
     saved = timing_cache.update(cache_path, merge)
