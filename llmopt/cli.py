@@ -25,7 +25,7 @@ OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Output artifact di
 
 
 def console() -> Console:
-    return Console(stderr=True, quiet=STATE["quiet"])
+    return Console(stderr=True, quiet=STATE["quiet"], soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

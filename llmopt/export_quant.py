@@ -76,9 +76,11 @@ def _dq_nodes(name: str, qw: QWeight, float_dtype: np.dtype, opset: int) -> tupl
 
 
 def _act_qdq(name: str, x: str, qw: QWeight, float_dtype: np.dtype) -> tuple[list, list, str]:
-    zdtype = np.uint8 if qw.input_dtype == "uint8" else np.int8
+    zdtype, zp = (np.uint8, qw.input_zero_point or 0) if qw.input_dtype == "uint8" else (np.int8, qw.input_zero_point or 0)
+    if qw.input_dtype == "uint8" and zp == 128:  # the same quantizer as int8 with zero point 0, which TensorRT requires
+        zdtype, zp = np.int8, 0
     s = numpy_helper.from_array(np.array(qw.input_scale, float_dtype), f"{name}.input_scale")
-    z = numpy_helper.from_array(np.array(qw.input_zero_point or 0, zdtype), f"{name}.input_zero_point")
+    z = numpy_helper.from_array(np.array(zp, zdtype), f"{name}.input_zero_point")
     q = helper.make_node("QuantizeLinear", [x, s.name, z.name], [f"{name}_xq"], name=f"/{name}/input/QuantizeLinear")
     dq = helper.make_node("DequantizeLinear", [f"{name}_xq", s.name, z.name], [f"{name}_xdq"],
                           name=f"/{name}/input/DequantizeLinear")
