@@ -326,7 +326,8 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
 
 
 def check_targets(model: nn.Module, spec: ArchSpec, patterns: list[str], group_size: int | None) -> None:
-    """Every linear to be quantized exists and its in_features is divisible by the group size."""
+    """Every linear to be quantized exists and the group size divides its in_features (a group at least
+    as wide as the row means one group per row, i.e. per channel)."""
     layers = model.get_submodule(spec.layers_path)
     for li in range(len(layers)):
         for lin in spec.linears:
@@ -338,7 +339,7 @@ def check_targets(model: nn.Module, spec: ArchSpec, patterns: list[str], group_s
             if is_ignored(name, patterns) or group_size is None:
                 continue
             in_f = get_weight(m).shape[1]
-            if in_f % group_size:
+            if group_size < in_f and in_f % group_size:  # group >= in_features: one group per row
                 raise UserError(f"group size {group_size} does not divide {name}'s {in_f} input features",
                                 "choose a group size that divides the hidden and intermediate sizes")
 
@@ -440,7 +441,7 @@ def _quantize_outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[st
             res.ignored.append(name)
             continue
         w = get_weight(m)
-        if group_size is not None and w.shape[1] % group_size:
+        if group_size is not None and group_size < w.shape[1] and w.shape[1] % group_size:
             raise UserError(f"group size {group_size} does not divide {name}'s {w.shape[1]} input features",
                             f"add --ignore {name}")
         if emb is not None and m.weight is getattr(emb, "weight", None):
