@@ -16,8 +16,9 @@
 4. The layer is run once more with its quantized weights; its outputs are the next layer's inputs.
 
 Peak memory is the model plus one layer's inputs and outputs for the calibration set (and one group's
-statistics). Linears outside the decoder layers (``lm_head``) are quantized weight-only with RTN when
-not ignored; embeddings are always kept in float.
+statistics). Linears outside the decoder layers (``lm_head``, ignored by default) are quantized
+weight-only when not ignored — GPTQ for ``gptq`` (Hessian of the final norm's outputs), RTN otherwise;
+embeddings are always kept in float.
 """
 
 from __future__ import annotations
@@ -321,7 +322,7 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
             res.layer_seconds.append(round(time.perf_counter() - t0, 3))
             advance(1)
 
-    _quantize_outside_layers(model, spec, patterns, bits, group_size, symmetric, res)
+    _quantize_outside_layers(model, spec, patterns, config, bits, group_size, symmetric, res, cached)
     return res
 
 
@@ -429,11 +430,30 @@ def _quantize_group(layer: nn.Module, grp: tuple[str, ...], targets: list[str], 
                                 "rtn": output_error(w_orig[lin], rtn_w, stats.h)}
 
 
-def _quantize_outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[str], bits: int,
-                             group_size: int | None, symmetric: bool, res: QuantResult) -> None:
-    """Weight-only RTN for linears outside the decoder layers (lm_head) unless ignored."""
+FINAL_NORMS = ("model.norm", "transformer.ln_f")  # where the decoder's final norm lives, by family
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    for name in FINAL_NORMS:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
+    return None
+
+
+def _quantize_outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[str], config: Any, bits: int,
+                             group_size: int | None, symmetric: bool, res: QuantResult,
+                             final_hidden: list | None) -> None:
+    """Weight-only quantization of linears outside the decoder layers (lm_head) unless ignored.
+
+    With calibration data the output head's inputs (final norm of the last layer's quantized outputs)
+    give its Hessian: GPTQ is used for ``gptq``, RTN otherwise, and both errors are recorded.
+    """
     inside = spec.layers_path + "."
     emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    norm = _final_norm(model)
     for name, m in list(model.named_modules()):
         if not name or name.startswith(inside) or not is_linear(m):
             continue
@@ -447,6 +467,19 @@ def _quantize_outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[st
         if emb is not None and m.weight is getattr(emb, "weight", None):
             untie(m)
             res.untied_lm_head = True
-        qt = quantize(w, bits, group_size, symmetric)
+        h = None
+        if final_hidden is not None and m is head and norm is not None:
+            h = torch.zeros(w.shape[1], w.shape[1])
+            for hidden, _, _ in final_hidden:
+                x = norm(hidden).reshape(-1, w.shape[1]).float()
+                h.addmm_(x.t(), x)
+        if h is not None and config.method == "gptq":
+            qt = gptq_quantize(w, h, bits, group_size, symmetric, damp=config.damp,
+                               block_size=config.block_size, act_order=config.act_order)
+        else:
+            qt = quantize(w, bits, group_size, symmetric)
+        if h is not None:
+            res.errors[name] = {"method": output_error(w, qt.dequantize(), h),
+                                "rtn": output_error(w, quantize(w, bits, group_size, symmetric).dequantize(), h)}
         res.qtensors[name] = qt
         set_weight(m, qt.dequantize())

@@ -203,3 +203,12 @@ def test_stage_user_errors(tmp_path, tokenizer_dir):
     odd = _checkpoint(tmp_path / "odd", tokenizer_dir, hidden_size=96, intermediate_size=192)
     with pytest.raises(UserError, match="does not divide"):
         STAGE.run(QuantizeConfig(method="rtn", group_size=64), [odd], tmp_path / "o3", SILENT)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lm_head_quantized_with_gptq_when_not_ignored(arch):
+    model = realistic(tiny_model(arch))
+    res = quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=32, ignore=[]), _ids(), SILENT)
+    assert "lm_head" in res.qtensors and res.ignored == []
+    assert res.errors["lm_head"]["method"] < res.errors["lm_head"]["rtn"]
+    assert res.untied_lm_head == (arch == "gpt2")  # GPT-2 ties lm_head to wte
