@@ -268,6 +268,7 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
     ``calib_ids`` (``[samples, seq_len]``) may be None only for RTN (then no errors are recorded).
     """
     spec = spec_for(getattr(model.config, "model_type", None))
+    model.eval()  # no dropout while calibrating
     method, bits = config.method, config.bits
     group_size = None if bits == 8 else config.group_size
     symmetric = True if method == "smoothquant" else config.symmetric
