@@ -87,6 +87,11 @@ class BuildConfig(Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int | None = Field(None, ge=1, description="intra-op threads; default: physical cores")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits accuracy level (4 = int8 activations)")
+    attention: Literal["auto", "gqa", "standard"] = Field(
+        "auto", description="ONNX Runtime CPU: gqa = GroupQueryAttention over a preallocated KV buffer; auto = gqa where "
+                            "the graph allows it, else the exported standard Attention")
+    quantize_lm_head: Literal["none", "int8", "int4"] = Field(
+        "none", description="ONNX Runtime: quantize a float lm_head to MatMulNBits (block-wise, 32)")
     workspace_gib: float = Field(4.0, gt=0)
     timing_cache: Path | None = None
     hardware_compat: Literal["none", "ampere+", "same-compute-capability"] = "none"

@@ -1,7 +1,17 @@
 """ONNX Runtime session over an exported decoder, KV cache kept in ONNX Runtime memory.
 
-Each step binds the previous step's ``present.*`` OrtValues as this step's ``past_key_values.*``
-inputs (IOBinding): the cache never round-trips through numpy.
+Two graph forms, told apart by io.json:
+
+* standard (the export as is): each step binds the previous step's ``present.*`` OrtValues as this
+  step's ``past_key_values.*`` inputs (IOBinding), so the cache never round-trips through numpy; the
+  graph itself still concatenates past + new into a new present every step.
+* ``"attention": "gqa"`` (the ORT build's GroupQueryAttention rewrite): one preallocated OrtValue of
+  ``kv_capacity`` positions per layer and K/V is bound once per generation as both past input and
+  present output; GroupQueryAttention writes the new position in place and reads the cache where it
+  is. The graph wants right-padded rows (each row's tokens from cache position 0) described by
+  ``seqlens_k`` / ``total_sequence_length``; a left-padded prompt batch is compacted here (the tokens
+  whose mask is 1, in order: the same positions and visibility as the left-padded reference) and its
+  logits are put back in the caller's layout.
 """
 
 from __future__ import annotations
@@ -35,10 +45,14 @@ def providers_for(device: str) -> list[str]:
 
 
 def make_session(model_path: Path, device: str = "cpu", threads: int | None = None,
-                 config_entries: dict[str, str] | None = None, opt_level: str = "extended"):
+                 config_entries: dict[str, str] | None = None, opt_level: str = "extended",
+                 profile_prefix: str | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -78,12 +92,19 @@ class OrtSession(DecoderSession):
         self.dims = Dims(**{k: io[k] for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim",
                                                "hidden_size", "vocab_size")})
         self.device = "cuda" if device != "cpu" else "cpu"
-        self.session = make_session(model_path, device, threads, config_entries, opt_level)
+        self._open_args = (model_path, device, threads, config_entries, opt_level)
+        self.session = make_session(*self._open_args)
         self.kv_dtype = NP_DTYPES[io["kv_dtype"]]
         self.past = [n for pair in io["past_names"] for n in pair]
         self.present = [n for pair in io["present_names"] for n in pair]
         self.binding = self.session.io_binding()
         self._kv: list = []
+
+    def reopen(self, profile_prefix: str | None = None) -> None:
+        """Open the model again (e.g. with ONNX Runtime's profiler on); the cache starts empty."""
+        self.session = make_session(*self._open_args, profile_prefix=profile_prefix)
+        self.binding = self.session.io_binding()
+        self._mask = None
 
     def reset(self, batch: int) -> None:
         d = self.dims
@@ -110,7 +131,7 @@ class OrtSession(DecoderSession):
     def io_check(self) -> list[str]:
         """Differences between the session's declared I/O and io.json (names and dtypes)."""
         problems = []
-        types = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
+        types = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32", "tensor(float16)": "float16"}
         got = {i.name: types.get(i.type, i.type) for i in self.session.get_inputs()}
         got.update({o.name: types.get(o.type, o.type) for o in self.session.get_outputs()})
         for t in self.io["inputs"] + self.io["outputs"]:
@@ -121,13 +142,84 @@ class OrtSession(DecoderSession):
         return problems
 
 
+class OrtGqaSession(OrtSession):
+    """The GroupQueryAttention graph: KV buffers allocated and bound once, written in place."""
+
+    def __init__(self, model_path: Path, io: dict, device: str = "cpu", threads: int | None = None,
+                 config_entries: dict[str, str] | None = None, opt_level: str = "extended") -> None:
+        super().__init__(model_path, io, device, threads, config_entries, opt_level)
+        self.capacity = int(io["kv_capacity"])
+        self.kv_buffers: list = []      # one OrtValue per past/present pair, [batch, kv_heads, capacity, head_dim]
+        self._lengths: np.ndarray | None = None
+        self._prompt = False
+        self._logits = None
+
+    def reopen(self, profile_prefix: str | None = None) -> None:
+        super().reopen(profile_prefix)
+        self.kv_buffers = []  # bound to the old session's binding: allocate and bind again
+
+    def reset(self, batch: int) -> None:
+        d = self.dims
+        if not self.kv_buffers or self.kv_buffers[0].shape()[0] != batch:
+            shape = [batch, d.num_kv_heads, self.capacity, d.head_dim]
+            self.kv_buffers = [self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                               for _ in self.past]
+            b = self.binding
+            b.clear_binding_inputs()
+            b.clear_binding_outputs()
+            for past, present, ov in zip(self.past, self.present, self.kv_buffers):
+                b.bind_ortvalue_input(past, ov)
+                b.bind_ortvalue_output(present, ov)
+        # stale positions need no clearing: a row only ever reads cache positions it has written
+        self._lengths = None
+        self._prompt = True
+
+    def _run(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        total = int(lengths.max())
+        if total > self.capacity:
+            raise UserError(f"context of {total} tokens exceeds this engine's KV capacity of {self.capacity}",
+                            "rebuild with a larger envelope total_len max (llmopt build --total-len MIN,OPT,MAX)")
+        b = self.binding
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array([total], np.int32))
+        shape = (*ids.shape, self.dims.vocab_size)
+        if self._logits is None or tuple(self._logits.shape()) != shape:  # one per shape: reused by every decode step
+            self._logits = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, "cpu", 0)
+        b.bind_ortvalue_output("logits", self._logits)
+        self.session.run_with_iobinding(b)
+        return self._logits.numpy()
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if not self._prompt:  # decode: one new token per row, appended at each row's own length
+            self._lengths = self._lengths + 1
+            return self._run(ids, self._lengths).astype(np.float32, copy=False)
+        self._prompt = False
+        keep = mask.astype(bool)
+        lengths = keep.sum(axis=1)
+        if (lengths == 0).any():
+            raise ValueError("a prompt row has no token with attention_mask 1")
+        self._lengths = lengths.astype(np.int64)
+        if keep.all():
+            return self._run(ids, self._lengths).astype(np.float32, copy=False)
+        width = int(lengths.max())
+        compact = np.zeros((ids.shape[0], width), np.int64)
+        for r in range(ids.shape[0]):
+            compact[r, :lengths[r]] = ids[r, keep[r]]
+        logits = self._run(compact, self._lengths)
+        out = np.zeros((*ids.shape, logits.shape[-1]), np.float32)
+        for r in range(ids.shape[0]):
+            out[r, keep[r]] = logits[r, :lengths[r]]
+        return out
+
+
 def open_ort(directory: Path, threads: int | None = None, device: str | None = None) -> OrtSession:
     """An OrtSession for an `engine` (onnxruntime) or `onnx` artifact directory."""
     io = json.loads((directory / "io.json").read_text())
     settings = {}
     if (directory / "session.json").exists():
         settings = json.loads((directory / "session.json").read_text())
-    return OrtSession(directory / "model.onnx", io, device=device or settings.get("device", "cpu"),
-                      threads=threads or settings.get("intra_op_num_threads"),
-                      config_entries=settings.get("config_entries"),
-                      opt_level=settings.get("load_optimization_level", "extended"))
+    cls = OrtGqaSession if io.get("attention") == "gqa" else OrtSession
+    return cls(directory / "model.onnx", io, device=device or settings.get("device", "cpu"),
+               threads=threads or settings.get("intra_op_num_threads"), config_entries=settings.get("config_entries"),
+               opt_level=settings.get("load_optimization_level", "extended"))

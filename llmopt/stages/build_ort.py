@@ -1,4 +1,10 @@
-"""build (onnxruntime): an offline-optimized ONNX model ONNX Runtime loads fast, plus session.json."""
+"""build (onnxruntime): an offline-optimized ONNX model ONNX Runtime loads fast, plus session.json.
+
+For the CPU the exported graph is first rewritten for ONNX Runtime (llmopt.ort_fusions): attention
+becomes GroupQueryAttention over a KV buffer of the envelope's total_len max (``attention: auto|gqa``),
+residual + RMSNorm becomes SkipSimplifiedLayerNormalization, and a float lm_head can become MatMulNBits
+(``quantize_lm_head``). io.json is rewritten to the graph's I/O. The ONNX artifact itself is untouched.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,15 @@ import shutil
 import time
 from pathlib import Path
 
-from llmopt.artifact import Artifact
+from llmopt.artifact import Artifact, lineage
+from llmopt.errors import UserError
 from llmopt.progress import Progress
 from llmopt.recipe import BuildConfig
 from llmopt.runtime.ort_session import default_threads, make_session
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+REWRITTEN = "rewritten.onnx"  # intermediate, removed once the optimized model is saved
 
 
 def session_settings(config: BuildConfig, io: dict) -> dict:
@@ -50,17 +58,70 @@ def optimize_offline(src: Path, dst: Path, config: BuildConfig, entries: dict[st
     ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def _sliding_window(onnx_art: Artifact) -> int | None:
+    """The checkpoint's attention window when it limits attention (from the lineage's config.json)."""
+    ckpt = next((a for a in lineage(onnx_art) if a.kind == "checkpoint"), None)
+    if ckpt is None or not (ckpt.path / "config.json").exists():
+        return None
+    cfg = json.loads((ckpt.path / "config.json").read_text())
+    if cfg.get("use_sliding_window") is False:
+        return None
+    return cfg.get("sliding_window")
+
+
+def rewrite_for_ort(onnx_art: Artifact, out: Path, config: BuildConfig, io: dict) -> tuple[Path, dict, dict]:
+    """Apply the ORT-only graph rewrites; returns (model to optimize, its io.json, what was done)."""
+    import onnx
+
+    from llmopt import ort_fusions as F
+
+    src = onnx_art.path / MODEL_FILE
+    model = onnx.load(str(src), load_external_data=True)
+    done: dict = {"attention": "standard"}
+    capacity = config.envelope.total_len[2]
+    if config.attention != "standard":
+        window = _sliding_window(onnx_art)
+        try:
+            if window is not None and window < capacity:
+                raise F.RewriteUnsupported(f"sliding-window attention ({window} < KV capacity {capacity})")
+            done = F.fuse_gqa(model, io, capacity)
+            io = F.gqa_io(io, capacity)
+        except F.RewriteUnsupported as exc:
+            if config.attention == "gqa":
+                raise UserError(f"{onnx_art.path}: cannot use GroupQueryAttention: {exc}",
+                                "build with attention: standard (or auto)") from None
+            model = onnx.load(str(src), load_external_data=True)  # the failed rewrite may have edited it
+            done = {"attention": "standard", "gqa_unsupported": str(exc)}
+    done["skip_rmsnorm"] = F.fuse_skip_rmsnorm(model)
+    if config.quantize_lm_head != "none":
+        try:
+            model, done["lm_head"] = F.quantize_lm_head(model, bits=4 if config.quantize_lm_head == "int4" else 8,
+                                                        accuracy_level=config.accuracy_level)
+        except F.RewriteUnsupported as exc:
+            raise UserError(f"{onnx_art.path}: cannot quantize lm_head: {exc}", "build with quantize_lm_head: none") from None
+    dst = out / REWRITTEN
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=REWRITTEN + ".data", size_threshold=1024)
+    return dst, io, done
+
+
 def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     onnx_art = inputs[0]
     io = json.loads((onnx_art.path / "io.json").read_text())
-    settings = session_settings(config, io)
-    with progress.task("optimize graph (ONNX Runtime, offline)"):
-        if config.device == "cpu":
-            optimize_offline(onnx_art.path / MODEL_FILE, out / MODEL_FILE, config, settings["config_entries"])
-        else:  # CUDA kernels fuse at load; the portable graph is kept as is
-            shutil.copy2(onnx_art.path / MODEL_FILE, out / MODEL_FILE)
-            shutil.copy2(onnx_art.path / DATA_FILE, out / DATA_FILE)
-    shutil.copy2(onnx_art.path / "io.json", out / "io.json")
+    rewrite: dict = {}
+    if config.device == "cpu":
+        with progress.task("rewrite graph for ONNX Runtime (GroupQueryAttention, fused norms)"):
+            src, io, rewrite = rewrite_for_ort(onnx_art, out, config, io)
+        settings = session_settings(config, io)
+        with progress.task("optimize graph (ONNX Runtime, offline)"):
+            optimize_offline(src, out / MODEL_FILE, config, settings["config_entries"])
+        for f in out.glob(REWRITTEN + "*"):
+            f.unlink()
+    else:  # CUDA kernels fuse at load; the portable graph is kept as is
+        settings = session_settings(config, io)
+        shutil.copy2(onnx_art.path / MODEL_FILE, out / MODEL_FILE)
+        shutil.copy2(onnx_art.path / DATA_FILE, out / DATA_FILE)
+    (out / "io.json").write_text(json.dumps(io, indent=2))
     (out / "session.json").write_text(json.dumps(settings, indent=2))
     with progress.task("check the session loads"):
         t0 = time.perf_counter()
@@ -74,4 +135,5 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
     for node in graph.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"backend": "onnxruntime", "device": config.device, "session": settings, "load_s": round(load_s, 3),
+            "rewrite": rewrite, "attention": rewrite.get("attention", "standard"),
             "nodes": len(graph.graph.node), "op_types": dict(sorted(ops.items()))}
