@@ -287,6 +287,34 @@ def generate_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or ch
           "decode_ms_median": g.decode_ms_median}, as_json)
 
 
+@app.command("bench")
+def bench_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or checkpoint artifact.")],
+              baseline: Annotated[Optional[list[str]], typer.Option(help="torch | torch-compile (repeatable; default both).")] = None,
+              no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Time the artifact alone.")] = False,
+              prompt_len: Annotated[int, typer.Option(min=1, help="Prompt tokens.")] = 128,
+              new_tokens: Annotated[int, typer.Option(min=4, help="Tokens generated per timed run.")] = 64,
+              threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for every system (default: physical cores).")] = None,
+              repeat: Annotated[int, typer.Option(min=1, help="Rounds; systems take turns within each.")] = 3,
+              contexts: Annotated[str, typer.Option(help="Context lengths for decode scaling, comma-separated ('' skips).")] = "128,512,1024",
+              profile: Annotated[bool, typer.Option(help="Per-op decode profile of an ONNX Runtime artifact.")] = False,
+              as_json: JsonOpt = False) -> None:
+    """Time the artifact against the PyTorch model it came from (eager, torch.compile) in one run."""
+    from llmopt.bench import BASELINES, BenchConfig, bench, render
+
+    _quiet_libraries()
+    try:
+        ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
+    except ValueError:
+        raise UserError(f"--contexts {contexts!r}: expected comma-separated integers", "e.g. --contexts 128,512,1024") from None
+    cfg = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, threads=threads, repeat=repeat, contexts=ctx,
+                      profile=profile)
+    baselines = [] if no_baseline else list(baseline or BASELINES)
+    c = console()
+    report = bench(engine, baselines, cfg, log=lambda m: None if STATE["quiet"] else c.print(f"… {m}", highlight=False))
+    render(report, c)
+    emit(report, as_json)
+
+
 @app.command("inspect")
 def inspect_cmd(directory: Annotated[Path, typer.Argument(help="Artifact directory.")], as_json: JsonOpt = False) -> None:
     """Show an artifact's manifest, lineage and I/O."""
