@@ -64,6 +64,7 @@ class System:
     load: dict                         # the worker's load command (without "cmd")
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "llmopt.bench"])
     env: dict | None = None
+    extra: dict = field(default_factory=dict)  # load facts a foreign worker cannot tell (weight_bytes, artifact_bytes)
 
 
 # ---------------------------------------------------------------- measurements shared with workers
@@ -323,6 +324,8 @@ def run_bench(systems: list[System], config: BenchConfig, vocab: int, log=lambda
         log(f"load + warm up: {s.name}")
         w = WorkerProcess(s)
         reply = w.ask({"cmd": "load", **s.load, "threads": threads, "warmup_ids": prompt}, LOAD_TIMEOUT_S)
+        if reply.get("ok"):
+            reply = {**s.extra, **reply}
         results[s.name] = {"name": s.name, "kind": s.kind, "ok": reply.get("ok", False), "load": reply,
                            "runs": [], "contexts": {}}
         if reply.get("ok"):

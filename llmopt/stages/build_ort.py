@@ -93,6 +93,7 @@ def rewrite_for_ort(onnx_art: Artifact, out: Path, config: BuildConfig, io: dict
             model = onnx.load(str(src), load_external_data=True)  # the failed rewrite may have edited it
             done = {"attention": "standard", "gqa_unsupported": str(exc)}
     done["skip_rmsnorm"] = F.fuse_skip_rmsnorm(model)
+    done.update(F.pack_matmuls(model))
     if config.quantize_lm_head != "none":
         try:
             model, done["lm_head"] = F.quantize_lm_head(model, bits=4 if config.quantize_lm_head == "int4" else 8,

@@ -52,6 +52,9 @@ def test_gqa_graph_structure(gqa_engine):
     ops = {n.op_type for n in onnx.load(str(gqa_engine / "model.onnx"), load_external_data=False).graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     assert not ops & {"Attention", "Concat", "Expand", "RotaryEmbedding"}  # no cache concat, no repeat_kv
+    graph = onnx.load(str(gqa_engine / "model.onnx"), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == "" and n.input[2] == "" for n in gqa)  # q/k/v projections packed into one MatMul
     io = json.loads((gqa_engine / "io.json").read_text())
     assert io["attention"] == "gqa" and io["kv_capacity"] == 96
     names = [t["name"] for t in io["inputs"]]
