@@ -30,12 +30,23 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def default_threads() -> int:
+    """Intra-op threads: the physical cores this process may run on.
+
+    Decode is memory-bound and prefill is FMA/int8-dot bound; SMT siblings share both, so a second
+    thread per core adds contention, not throughput. A CPU affinity mask or a smaller container
+    (``sched_getaffinity``) caps the count.
+    """
     try:
         import psutil
 
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     except ImportError:  # pragma: no cover
-        return os.cpu_count() or 1
+        physical = os.cpu_count() or 1
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        allowed = physical
+    return max(1, min(physical, allowed))
 
 
 def providers_for(device: str) -> list[str]:

@@ -31,7 +31,8 @@ def session_settings(config: BuildConfig, io: dict) -> dict:
         entries["session.qdq_matmulnbits_accuracy_level"] = str(config.accuracy_level)
     return {
         "device": config.device,
-        "intra_op_num_threads": config.threads or default_threads(),
+        # None: physical cores of the machine that loads the engine (resolved at load, not frozen at build)
+        "intra_op_num_threads": config.threads,
         "inter_op_num_threads": 1,
         "execution_mode": "sequential",
         "config_entries": entries,
@@ -126,7 +127,8 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
     (out / "session.json").write_text(json.dumps(settings, indent=2))
     with progress.task("check the session loads"):
         t0 = time.perf_counter()
-        make_session(out / MODEL_FILE, config.device, settings["intra_op_num_threads"], settings["config_entries"],
+        make_session(out / MODEL_FILE, config.device, settings["intra_op_num_threads"] or default_threads(),
+                     settings["config_entries"],
                      settings["load_optimization_level"])
         load_s = time.perf_counter() - t0
     import onnx
