@@ -224,7 +224,7 @@ def perplexity(model, ids: torch.Tensor, seq: int, batch: int = 16) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-min", type=float, default=12.0, help="wall-clock budget of the whole run")
-    ap.add_argument("--steps", type=int, default=None, help="fix the step count (default: fit the budget)")
+    ap.add_argument("--steps", type=int, default=800, help="step count (0: fit the --budget-min wall clock instead)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
