@@ -49,9 +49,31 @@ def search_scale(weights: list[torch.Tensor], hessian: torch.Tensor, act_mean_ab
 
 
 @torch.no_grad()
+def search_scale_with(act_mean_abs: torch.Tensor, loss_fn, grid: int = 20) -> tuple[torch.Tensor, dict]:
+    """Same grid as :func:`search_scale` with an arbitrary ``loss_fn(s)`` (e.g. a block's output error)."""
+    m = act_mean_abs.float().clamp(min=1e-4)
+    best = (float("inf"), 0.0, torch.ones_like(m))
+    losses = []
+    for i in range(grid):
+        r = i / grid
+        s = m.pow(r)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = float(loss_fn(s))
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, r, s)
+    return best[2], {"ratio": best[1], "loss": best[0], "loss_unscaled": losses[0], "objective": "block output"}
+
+
+@torch.no_grad()
 def search_clip(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None,
-                symmetric: bool, grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
-    """Per (row, group) range factor ``[out, ngroups]`` minimizing each group's output error."""
+                symmetric: bool, grid: int = 20, max_shrink: float = 0.5, passes: int = 2) -> torch.Tensor:
+    """Per (row, group) range factor ``[out, ngroups]`` minimizing the row's output error.
+
+    First each group alone (the block-diagonal part of H, AWQ's ``auto_clip`` objective); then
+    ``passes`` rounds of coordinate descent over the groups with the full H, so the choice for one group
+    accounts for the errors already made in the others (never increases the error).
+    """
     w = weight.detach().float()
     out_f, in_f = w.shape
     ng = group_count(in_f, group_size)
@@ -59,14 +81,32 @@ def search_clip(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     h = hessian.float()
     hb = torch.stack([h[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)])  # [ng, g, g]
     wg = w.reshape(out_f, ng, g)
+    ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
+    deltas = []  # per ratio: [out, ng, g] quantization error with that range factor everywhere
     best_err = torch.full((out_f, ng), float("inf"))
-    best = torch.ones(out_f, ng)
-    for i in range(max(1, int(max_shrink * grid))):
-        r = 1 - i / grid
+    idx = torch.zeros(out_f, ng, dtype=torch.long)  # index into ratios
+    for ri, r in enumerate(ratios):
         clip = torch.full((out_f, ng), r)
         d = wg - fake_quantize(w, bits, group_size, symmetric, clip=clip).reshape(out_f, ng, g)
+        deltas.append(d)
         err = torch.einsum("ogi,gij,ogj->og", d, hb, d)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, clip, best)
-    return best
+        idx = torch.where(better, torch.full_like(idx, ri), idx)
+    table = torch.tensor(ratios, dtype=torch.float32)
+    if ng == 1 or passes <= 0:
+        return table[idx]
+    # coordinate descent with the cross-group terms of H
+    stack = torch.stack(deltas)  # [R, out, ng, g]
+    cur = torch.gather(stack, 0, idx[None, :, :, None].expand(1, out_f, ng, g))[0]  # [out, ng, g]
+    for _ in range(passes):
+        for k in range(ng):
+            sl = slice(k * g, (k + 1) * g)
+            full = cur.reshape(out_f, in_f)
+            cross = full @ h[:, sl] - cur[:, k] @ hb[k]  # [out, g]: (H d without group k) restricted to k
+            dk = stack[:, :, k]  # [R, out, g]
+            err = torch.einsum("rog,gh,roh->ro", dk, hb[k], dk) + 2 * (dk * cross[None]).sum(-1)
+            choice = err.argmin(0)  # [out]
+            cur[:, k] = dk[choice, torch.arange(out_f)]
+            idx[:, k] = choice
+    return table[idx]

@@ -37,9 +37,10 @@ from llmopt.progress import SILENT, Progress
 from llmopt.quant import awq as _awq
 from llmopt.quant import smoothquant as _sq
 from llmopt.quant.gptq import gptq_quantize
-from llmopt.quant.rtn import QTensor, output_error, quantize
+from llmopt.quant.rtn import QTensor, fake_quantize, output_error, quantize
 
-SQ_SAMPLE_TOKENS = 4096  # token rows kept per SmoothQuant group to measure the W8A8 output error
+SQ_SAMPLE_TOKENS = 4096
+AWQ_BLOCK_LOSS = True  # AWQ scale search on the block output (self_attn / mlp), as the reference does  # token rows kept per SmoothQuant group to measure the W8A8 output error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,6 +185,8 @@ class _Stats:
         self.count = 0
         self.sample_every = sample_every
         self.samples: list[torch.Tensor] = []
+        self.block: nn.Module | None = None
+        self.block_inputs: list[tuple[tuple, dict]] = []
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -283,7 +286,9 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
         seq_len = calib_ids.shape[1]
         batch = max(1, batch_tokens // seq_len)
         t0 = time.perf_counter()
-        cached = capture_layer0_inputs(model, layers, calib_ids, batch)
+        nb = -(-calib_ids.shape[0] // batch)
+        interleave = [i for start in range(nb) for i in range(start, calib_ids.shape[0], nb)]
+        cached = capture_layer0_inputs(model, layers, calib_ids[interleave], batch)  # each batch spans the text
         res.calibration = {"samples": int(calib_ids.shape[0]), "seq_len": int(seq_len),
                            "tokens": int(calib_ids.numel()), "batch": batch,
                            "capture_s": round(time.perf_counter() - t0, 3)}
@@ -309,7 +314,10 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
                         every = 0
                         if method == "smoothquant":
                             every = max(1, res.calibration["tokens"] // SQ_SAMPLE_TOKENS)
-                        stats = _collect(layer, layer.get_submodule(grp[0]), cached, every)
+                        block = _block_of(smooth_by_first.get(grp[0])) if method == "awq" and AWQ_BLOCK_LOSS else None
+                        stats = _collect(layer, layer.get_submodule(grp[0]), cached, every,
+                                         layer.get_submodule(block) if block else None)
+                        stats.block = layer.get_submodule(block) if block else None
                     _quantize_group(layer, grp, targets, prefix, smooth_by_first.get(grp[0]), stats,
                                     config, method, bits, group_size, symmetric, res)
                     if method == "smoothquant":
@@ -346,7 +354,10 @@ def check_targets(model: nn.Module, spec: ArchSpec, patterns: list[str], group_s
                                 "choose a group size that divides the hidden and intermediate sizes")
 
 
-def _collect(layer: nn.Module, first: nn.Module, cached: list, sample_every: int) -> _Stats:
+def _collect(layer: nn.Module, first: nn.Module, cached: list, sample_every: int,
+             block: nn.Module | None = None, block_batches: int = 1) -> _Stats:
+    """Run the layer on the cached inputs up to ``first``; with ``block``, also keep that module's
+    inputs for the first ``block_batches`` batches (AWQ's block-output loss)."""
     n = get_weight(first).shape[1]
     stats = _Stats(n, sample_every)
 
@@ -354,7 +365,13 @@ def _collect(layer: nn.Module, first: nn.Module, cached: list, sample_every: int
         stats.add(args[0])
         raise _Stop
 
-    handle = first.register_forward_pre_hook(hook)
+    def block_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if len(stats.block_inputs) < block_batches:
+            stats.block_inputs.append((args, kwargs))
+
+    handles = [first.register_forward_pre_hook(hook)]
+    if block is not None:
+        handles.append(block.register_forward_pre_hook(block_hook, with_kwargs=True))
     try:
         for h, rest, kw in cached:
             try:
@@ -362,8 +379,42 @@ def _collect(layer: nn.Module, first: nn.Module, cached: list, sample_every: int
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for hd in handles:
+            hd.remove()
     return stats
+
+
+def _block_of(smooth: SmoothGroup | None) -> str | None:
+    """The module whose output AWQ's scale search compares: the linears' common parent (self_attn, mlp)
+    when the scaled op is outside it; None (per-linear outputs) when it is inside (up_proj → down_proj)."""
+    if smooth is None:
+        return None
+    parents = {lin.rsplit(".", 1)[0] if "." in lin else "" for lin in smooth.linears}
+    if len(parents) != 1:
+        return None
+    parent = parents.pop()
+    if not parent or smooth.prev.startswith(parent + "."):
+        return None
+    return parent
+
+
+def _block_loss(stats: _Stats, mods: dict[str, nn.Module], w_orig: dict[str, torch.Tensor], bits: int,
+                group_size: int | None, symmetric: bool) -> Any:
+    """loss(s): squared error of the block's output with the linears replaced by Q(W·s)/s."""
+    block, inputs = stats.block, stats.block_inputs
+    refs = [_layer_out(block(*a, **k)).float() for a, k in inputs]
+
+    def loss(s: torch.Tensor) -> float:
+        try:
+            for t, m in mods.items():
+                set_weight(m, fake_quantize(w_orig[t] * s, bits, group_size, symmetric) / s)
+            return sum(float((_layer_out(block(*a, **k)).float() - r).pow(2).sum())
+                       for (a, k), r in zip(inputs, refs))
+        finally:
+            for t, m in mods.items():
+                set_weight(m, w_orig[t])
+
+    return loss
 
 
 def _act_hook(module: nn.Module, qp: dict) -> Any:
@@ -384,7 +435,11 @@ def _quantize_group(layer: nn.Module, grp: tuple[str, ...], targets: list[str], 
     gname = prefix + (smooth.prev if smooth else grp[0])
 
     if smooth is not None and stats is not None and method in ("awq", "smoothquant"):
-        if method == "awq":
+        if method == "awq" and stats.block is not None and stats.block_inputs:
+            col_scale, info = _awq.search_scale_with(
+                stats.mean_abs, _block_loss(stats, {t: mods[t] for t in targets}, w_orig, bits, group_size, symmetric),
+                grid=config.awq_grid)
+        elif method == "awq":
             col_scale, info = _awq.search_scale([w_orig[t] for t in targets], stats.h, stats.mean_abs, bits,
                                                 group_size, symmetric, grid=config.awq_grid)
         else:

@@ -44,16 +44,25 @@ def test_scales_generalize_to_heldout_tokens():
         assert output_error(w, fake_quantize(w * s, 4, 128) / s, hh) < output_error(w, fake_quantize(w, 4, 128), hh)
 
 
-def test_clip_search_never_worse_per_group():
+def test_clip_search_block_diagonal_then_full_hessian():
     ws, x = _data()
     h = x.t() @ x
     w = ws[0]
-    clip = search_clip(w, h, 4, 32, True, grid=20)
-    assert clip.shape == (w.shape[0], w.shape[1] // 32)
-    assert (clip <= 1).all() and (clip >= 0.5).all() and (clip < 1).any()
     g = 32
-    for k in range(w.shape[1] // g):
+    block = search_clip(w, h, 4, g, True, grid=20, passes=0)  # AWQ's per-group objective
+    assert block.shape == (w.shape[0], w.shape[1] // g)
+    assert (block <= 1).all() and (block >= 0.5).all() and (block < 1).any()
+    for k in range(w.shape[1] // g):  # per group never worse than no clipping
         hb = h[k * g:(k + 1) * g, k * g:(k + 1) * g]
-        d0 = (w - fake_quantize(w, 4, 32))[:, k * g:(k + 1) * g]
-        d1 = (w - fake_quantize(w, 4, 32, clip=clip))[:, k * g:(k + 1) * g]
+        d0 = (w - fake_quantize(w, 4, g))[:, k * g:(k + 1) * g]
+        d1 = (w - fake_quantize(w, 4, g, clip=block))[:, k * g:(k + 1) * g]
         assert ((d1 @ hb) * d1).sum(1).le(((d0 @ hb) * d0).sum(1) * (1 + 1e-5) + 1e-9).all()
+
+    def row_err(clip):
+        d = w - fake_quantize(w, 4, g, clip=clip)
+        return ((d @ h) * d).sum(1)
+
+    full = search_clip(w, h, 4, g, True, grid=20, passes=2)  # coordinate descent with the cross terms
+    assert row_err(full).le(row_err(block) * (1 + 1e-5)).all()
+    assert row_err(full).sum() < row_err(block).sum()
+    assert row_err(full).sum() < row_err(None).sum()
