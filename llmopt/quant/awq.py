@@ -5,13 +5,18 @@ group-wise quantization, and fold the inverse scale into the op that produces th
 For linears sharing one input X with per-channel mean magnitude ``m_j = mean|X_j|``:
 
     s(r) = m^r / sqrt(max(m^r) · min(m^r)),   r ∈ {0, 1/n, …, (n-1)/n}
-    loss(r) = Σ_linears ||W X - Q(W diag(s)) diag(s)⁻¹ X||²
 
-evaluated exactly over all calibration tokens through ``H = Σ x xᵀ``
-(``||D X||² = tr(D H Dᵀ)``). ``r = 0`` is plain RTN, so the chosen scale is never worse than RTN on the
-calibration data. Optional clipping search (AWQ's ``auto_clip``): per output row and group, shrink the
-quantization range by a factor in [1 - max_shrink, 1] minimizing that group's output error (block-diagonal
-part of H), as the reference implementation does on sampled tokens.
+and ``r`` minimizes the output error of the quantized scaled weights ``Q(W diag(s)) diag(s)⁻¹``:
+
+* :func:`search_scale` — summed over the linears, ``Σ ||W X - Q(W s) s⁻¹ X||²``, exactly over all
+  calibration tokens through ``H = Σ x xᵀ`` (``||D X||² = tr(D H Dᵀ)``);
+* :func:`search_scale_with` — any loss; the driver passes the output error of the block the linears
+  belong to (self-attention for q/k/v, the MLP for gate/up), as the reference implementation does.
+
+``r = 0`` is plain RTN, so the chosen scale is never worse than RTN on that objective. Then the
+clipping search (AWQ's ``auto_clip``): per output row and group, shrink the quantization range by a
+factor in [1 - max_shrink, 1], first minimizing each group's own output error (block-diagonal part of
+H, the reference's objective), then refined by coordinate descent over the groups with the full H.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@
    error ``||(W - Ŵ) X||² / ||W X||²`` is recorded for the method and for RTN on the same inputs.
 4. The layer is run once more with its quantized weights; its outputs are the next layer's inputs.
 
+Calibration batches interleave the samples (batch b holds samples b, b + nb, …), so every batch spans
+the whole text; AWQ's block-output scale search runs on the first batch (≤ ``batch_tokens`` tokens),
+everything else on all tokens.
+
 Peak memory is the model plus one layer's inputs and outputs for the calibration set (and one group's
 statistics). Linears outside the decoder layers (``lm_head``, ignored by default) are quantized
 weight-only when not ignored — GPTQ for ``gptq`` (Hessian of the final norm's outputs), RTN otherwise;
