@@ -416,7 +416,7 @@ def summarize(res: dict, bandwidth_gbs: float, config: BenchConfig) -> dict:
         "decode_ms_median_per_round": [p["median"] for p in per_run],
         "tokens_per_s": 1e3 / decode["median"],
         "peak_rss_mb": rss.get("peak_rss_mb"), "model_rss_mb": (rss["peak_rss_mb"] - load["rss_before_mb"])
-        if rss.get("peak_rss_mb") else None,
+        if rss.get("peak_rss_mb") else None, "end_rss_mb": rss.get("rss_mb"),
         "artifact_bytes": load.get("artifact_bytes"), "weight_bytes_per_token": wbytes,
         "decode_floor_ms": floor, "floor_fraction": floor / decode["median"] if floor else None,
         "context_decode_ms": ctx,
