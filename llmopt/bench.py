@@ -355,14 +355,20 @@ def run_bench(systems: list[System], config: BenchConfig, vocab: int, log=lambda
                                           STEP_TIMEOUT_S)
                 results[name]["contexts"].setdefault(str(ctx), [])
                 _record(results[name], reply, None, results[name]["contexts"][str(ctx)])
+    for name, w in workers.items():  # before profiling, which opens a second session
+        results[name]["rss"] = w.ask({"cmd": "rss"}, 60)
     if config.profile:
+        longest = max(config.contexts, default=config.prompt_len)
         for name in names:
             if results[name]["ok"] and results[name]["load"].get("backend") == "onnxruntime":
-                log(f"profile: {name}")
+                log(f"profile: {name} (prompt {config.prompt_len}, then context {longest})")
                 results[name]["profile"] = workers[name].ask({"cmd": "profile", "ids": prompt, "new_tokens": 32},
                                                              STEP_TIMEOUT_S)
-    for name, w in workers.items():
-        results[name]["rss"] = w.ask({"cmd": "rss"}, 60)
+                if longest != config.prompt_len:
+                    results[name]["profile_context"] = workers[name].ask(
+                        {"cmd": "profile", "ids": prompt_ids(vocab, longest, config.seed + longest), "new_tokens": 32},
+                        STEP_TIMEOUT_S)
+    for w in workers.values():
         w.close()
     bw_end = read_bandwidth_gbs(threads)
     bandwidth = max(bw_start["read_gbs"], bw_end["read_gbs"])
@@ -423,8 +429,9 @@ def summarize(res: dict, bandwidth_gbs: float, config: BenchConfig) -> dict:
         "context_ratio": (ctx[max(ctx, key=int)] / ctx[min(ctx, key=int)]) if len(ctx) > 1 else None,
         "tokens": runs[-1]["tokens"],
     })
-    if "profile" in res:
-        out["profile"] = res["profile"]
+    for key in ("profile", "profile_context"):
+        if key in res:
+            out[key] = res[key]
     return out
 
 
@@ -461,10 +468,11 @@ def render(report: dict, console: Any) -> None:
     finally:
         console.width = width
     for s in report["systems"]:
-        if s.get("profile", {}).get("ok"):
-            p = s["profile"]
-            top = ", ".join(f"{k} {v:.2f}" for k, v in list(p["ops_ms"].items())[:6])
-            console.print(f"profile {s['name']}: {p['run_ms']:.2f} ms/decode step; {top}", highlight=False)
+        for key, where in (("profile", f"prompt {cfg['prompt_len']}"), ("profile_context", "longest context")):
+            p = s.get(key, {})
+            if p.get("ok"):
+                top = ", ".join(f"{k} {v:.2f}" for k, v in list(p["ops_ms"].items())[:6])
+                console.print(f"profile {s['name']} ({where}): {p['run_ms']:.2f} ms/decode step; {top}", highlight=False)
 
 
 def bench(engine: Path, baselines: list[str], config: BenchConfig, log=lambda m: None) -> dict:  # noqa: ANN001

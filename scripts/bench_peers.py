@@ -4,7 +4,8 @@ Not a test. On the same ``preset:bench-246m`` weights (random Llama, 246M parame
 round-robin workers of ``llmopt.bench`` (one process per system, same prompt, same threads):
 
   llmopt int4 (RTN block 32, MatMulNBits accuracy 4, lm_head int4 like the GenAI builder's default)
-  llmopt int4 with a float lm_head (the quantize stage's default), llmopt fp32
+  llmopt int4 with a float lm_head (the quantize stage's default), llmopt int4 with the exported standard
+  attention instead of GroupQueryAttention, llmopt fp32
   ONNX Runtime GenAI model builder int4 and fp32 CPU models, through GenAI's own Generator API
   PyTorch eager and torch.compile (inductor) on the float checkpoint
 
@@ -131,7 +132,8 @@ def llmopt_artifacts(work: Path) -> dict[str, Path]:
     out = {"ckpt": ckpt.path}
     for name, src, cfg in (("fp32", onnx_fp, BuildConfig()),
                            ("int4", onnx_q, BuildConfig(quantize_lm_head="int4")),
-                           ("int4-float-lm_head", onnx_q, BuildConfig())):
+                           ("int4-float-lm_head", onnx_q, BuildConfig()),
+                           ("int4-standard-attention", onnx_q, BuildConfig(quantize_lm_head="int4", attention="standard"))):
         out[name] = run_stage(build.STAGE, cfg, [src], work / f"engine-{name}", log=log).artifact.path
     open_artifact(out["int4"])
     return out
@@ -203,6 +205,7 @@ def main() -> int:
         return System(name=label, kind="artifact", load={"kind": "artifact", "path": str(path)})
 
     systems = [ours("llmopt int4", arts["int4"]), ours("llmopt int4 (float lm_head)", arts["int4-float-lm_head"]),
+               ours("llmopt int4 (standard attention)", arts["int4-standard-attention"]),
                ours("llmopt fp32", arts["fp32"])]
     for p, path in genai.items():
         systems.append(System(name=f"ORT GenAI {p}", kind="genai", load={"kind": "genai", "path": str(path)},

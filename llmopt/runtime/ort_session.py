@@ -113,6 +113,7 @@ class OrtSession(DecoderSession):
 
     def reopen(self, profile_prefix: str | None = None) -> None:
         """Open the model again (e.g. with ONNX Runtime's profiler on); the cache starts empty."""
+        self.session = self.binding = None  # release the old weights before loading them again
         self.session = make_session(*self._open_args, profile_prefix=profile_prefix)
         self.binding = self.session.io_binding()
         self._mask = None
