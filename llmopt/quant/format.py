@@ -106,7 +106,7 @@ def save_quantized(model: torch.nn.Module, result: Any, out_dir: Path, scheme: d
         if ptr in seen:  # tied weight (lm_head == embedding): stored once, re-tied on load
             continue
         seen.add(ptr)
-        tensors[key] = t.detach().contiguous().clone()
+        tensors[key] = t.detach().contiguous()
     modules: dict[str, dict] = {}
     for name, qt in qts.items():
         m = model.get_submodule(name)
