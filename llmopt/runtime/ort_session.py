@@ -165,10 +165,11 @@ class OrtGqaSession(OrtSession):
         self._lengths: np.ndarray | None = None
         self._prompt = False
         self._logits = None
+        self._feeds: dict | None = None  # bound input OrtValues, reused while their shape holds
 
     def reopen(self, profile_prefix: str | None = None) -> None:
         super().reopen(profile_prefix)
-        self.kv_buffers = []  # bound to the old session's binding: allocate and bind again
+        self.kv_buffers, self._feeds = [], None  # bound to the old session's binding: allocate and bind again
 
     def reset(self, batch: int) -> None:
         d = self.dims
@@ -179,6 +180,7 @@ class OrtGqaSession(OrtSession):
             b = self.binding
             b.clear_binding_inputs()
             b.clear_binding_outputs()
+            self._feeds = None
             for past, present, ov in zip(self.past, self.present, self.kv_buffers):
                 b.bind_ortvalue_input(past, ov)
                 b.bind_ortvalue_output(present, ov)
@@ -192,13 +194,21 @@ class OrtGqaSession(OrtSession):
             raise UserError(f"context of {total} tokens exceeds this engine's KV capacity of {self.capacity}",
                             "rebuild with a larger envelope total_len max (llmopt build --total-len MIN,OPT,MAX)")
         b = self.binding
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array([total], np.int32))
-        shape = (*ids.shape, self.dims.vocab_size)
-        if self._logits is None or tuple(self._logits.shape()) != shape:  # one per shape: reused by every decode step
-            self._logits = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, "cpu", 0)
-        b.bind_ortvalue_output("logits", self._logits)
+        feeds = {"input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32),
+                 "total_sequence_length": np.array([total], np.int32)}
+        if self._feeds is not None and self._feeds["input_ids"].shape() == list(ids.shape):
+            for name, arr in feeds.items():  # decode: the same bound OrtValues, new contents
+                self._feeds[name].update_inplace(arr)
+        else:  # a new shape (prompt, or the first decode step): bind fresh inputs and a logits buffer
+            ov = self._ort.OrtValue
+            self._feeds = {}
+            for name, arr in feeds.items():  # ORT-owned memory, filled by copy (never a view of a caller's array)
+                self._feeds[name] = ov.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype, "cpu", 0)
+                self._feeds[name].update_inplace(np.ascontiguousarray(arr))
+                b.bind_ortvalue_input(name, self._feeds[name])
+            shape = [*ids.shape, self.dims.vocab_size]
+            self._logits = ov.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cpu", 0)
+            b.bind_ortvalue_output("logits", self._logits)
         self.session.run_with_iobinding(b)
         return self._logits.numpy()
 
