@@ -44,9 +44,17 @@ def _fingerprint(value: Any) -> Any:
     return value
 
 
+# Files a stage reads when its config leaves a path unset: their content is part of the key too.
+DEFAULT_FILES = {"quantize": presets.DEFAULT_CALIB_TEXT, "validate": presets.DEFAULT_EVAL_TEXT}
+
+
 def key_for(stage: Stage, config: BaseModel, inputs: list[Artifact]) -> tuple[str, dict]:
     resolved = config.model_dump(mode="json")
-    key = cache_key(stage.name, stage.version, _fingerprint(resolved), [a.key for a in inputs], list(stage.packages))
+    described = _fingerprint(resolved)
+    default = DEFAULT_FILES.get(stage.name)
+    if default is not None and default.exists():
+        described["default_text"] = _fingerprint(str(default))
+    key = cache_key(stage.name, stage.version, described, [a.key for a in inputs], list(stage.packages))
     return key, resolved
 
 

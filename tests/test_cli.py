@@ -94,3 +94,20 @@ def test_generate_prints_completion(cli, tiny_onnx):
     r = cli("generate", tiny_onnx, "--prompt", "The file", "--max-new-tokens", "5", "--json")
     assert r.code == 0, r.err
     assert len(r.json()["tokens"][0]) == 5
+
+
+def test_default_eval_text_content_is_in_the_key(monkeypatch, tmp_path, tiny_onnx):
+    from llmopt.models import presets
+    from llmopt.recipe import ValidateConfig
+    from llmopt.runner import DEFAULT_FILES, key_for
+    from llmopt.stages import validate
+    from llmopt.artifact import open_artifact
+
+    art = open_artifact(tiny_onnx)
+    before, _ = key_for(validate.STAGE, ValidateConfig(), [art])
+    fake = tmp_path / "eval.txt"
+    fake.write_text("different text")
+    monkeypatch.setitem(DEFAULT_FILES, "validate", fake)
+    after, _ = key_for(validate.STAGE, ValidateConfig(), [art])
+    assert before != after
+    assert presets.DEFAULT_EVAL_TEXT.exists()
