@@ -4,6 +4,8 @@
 * :mod:`.packing` — int4 two-per-byte packing in the ONNX INT4 layout
 * :mod:`.gptq`, :mod:`.awq`, :mod:`.smoothquant` — the algorithms, per linear / smooth group
 * :mod:`.calibrate` — the layer-by-layer driver over a Hugging Face model
+* :mod:`.capture` — calibration windows, layer-0 input capture, per-group input statistics
+* :mod:`.modules` — module access: weights as ``[out, in]``, scale folding, sub-layer groups, ignores
 * :mod:`.format` — the quantized checkpoint on disk and ``load_dequantized``
 """
 

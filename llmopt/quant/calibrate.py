@@ -27,7 +27,6 @@ embeddings are always kept in float.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,106 +39,14 @@ from llmopt.models.registry import ArchSpec, SmoothGroup, spec_for
 from llmopt.progress import SILENT, Progress
 from llmopt.quant import awq as _awq
 from llmopt.quant import smoothquant as _sq
+from llmopt.quant.capture import Stats, capture_layer0_inputs, collect, layer_out
 from llmopt.quant.gptq import gptq_quantize
+from llmopt.quant.modules import (check_targets, fold_scales, get_weight, is_ignored, is_linear, set_weight,
+                                  sublayer_groups, untie)
 from llmopt.quant.rtn import QTensor, fake_quantize, output_error, quantize
 
-SQ_SAMPLE_TOKENS = 4096
-AWQ_BLOCK_LOSS = True  # AWQ scale search on the block output (self_attn / mlp), as the reference does  # token rows kept per SmoothQuant group to measure the W8A8 output error
-
-
-# ----------------------------------------------------------------------------------------------------
-# calibration data
-
-
-def calibration_ids(text: str, tokenizer: Any, samples: int, seq_len: int) -> torch.Tensor:
-    """``[samples, seq_len]`` token ids: windows at evenly spaced offsets of the tokenized text."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return windows(ids, samples, seq_len)
-
-
-def windows(ids: list[int] | torch.Tensor, samples: int, seq_len: int) -> torch.Tensor:
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    if ids.numel() < seq_len:
-        raise UserError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}",
-                        "use a longer calibration text or a smaller --seq-len")
-    span = ids.numel() - seq_len
-    starts = [round(i * span / (samples - 1)) if samples > 1 else 0 for i in range(samples)]
-    return torch.stack([ids[s:s + seq_len] for s in starts])
-
-
-# ----------------------------------------------------------------------------------------------------
-# module access (GPT-2 Conv1D stores [in, out]; everything here works on [out, in])
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def get_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as a float32 ``[out, in]`` copy."""
-    w = module.weight.detach()
-    return (w.t() if type(module).__name__ == "Conv1D" else w).float().clone()
-
-
-def set_weight(module: nn.Module, w: torch.Tensor) -> None:
-    """Set the weight from ``[out, in]``, keeping the module's dtype and orientation."""
-    p = module.weight
-    new = (w.t() if type(module).__name__ == "Conv1D" else w).to(p.dtype).contiguous()
-    with torch.no_grad():
-        if p.shape == new.shape:
-            p.copy_(new)
-        else:
-            raise ValueError(f"shape mismatch: {tuple(p.shape)} vs {tuple(new.shape)}")
-
-
-def untie(module: nn.Module) -> None:
-    """Give ``module`` its own weight Parameter (lm_head tied to the embedding)."""
-    module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
-
-
-def fold_scales(layer: nn.Module, group: SmoothGroup, s: torch.Tensor,
-                qtensors: dict[str, QTensor] | None = None, prefix: str = "") -> None:
-    """Fold per-channel ``s`` into a smooth group: ``prev`` output divided by s, linears' inputs × s.
-
-    ``prev`` is a norm (weight, and bias if any, divided by s) or a linear (output rows and bias
-    divided by s; if it is already quantized, its ``QTensor`` row scales are divided instead, which is
-    exact). The float function of the layer is unchanged.
-    """
-    s = s.detach().float()
-    prev = layer.get_submodule(group.prev)
-    with torch.no_grad():
-        if is_linear(prev):
-            name = prefix + group.prev
-            if qtensors is not None and name in qtensors:
-                qtensors[name].scale_rows(1.0 / s)
-                set_weight(prev, qtensors[name].dequantize())
-            else:
-                set_weight(prev, get_weight(prev) / s.unsqueeze(1))
-        else:
-            prev.weight.copy_((prev.weight.float() / s).to(prev.weight.dtype))
-        bias = getattr(prev, "bias", None)
-        if bias is not None:
-            bias.copy_((bias.float() / s).to(bias.dtype))
-        for lin in group.linears:
-            m = layer.get_submodule(lin)
-            set_weight(m, get_weight(m) * s.unsqueeze(0))
-
-
-def sublayer_groups(spec: ArchSpec) -> list[tuple[str, ...]]:
-    """The layer's linears in execution order, those sharing an input grouped together."""
-    shared = {g.linears[0]: g.linears for g in spec.smooth_groups}
-    members = {lin for g in spec.smooth_groups for lin in g.linears}
-    groups: list[tuple[str, ...]] = []
-    for lin in spec.linears:
-        if lin in shared:
-            groups.append(shared[lin])
-        elif lin not in members:
-            groups.append((lin,))
-    return groups
-
-
-def is_ignored(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+SQ_SAMPLE_TOKENS = 4096  # token rows kept per SmoothQuant group to measure the W8A8 output error
+AWQ_BLOCK_LOSS = True  # AWQ scale search on the block output (self_attn / mlp), as the reference does
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,91 +82,8 @@ class QuantResult:
         }
 
 
-class _Stop(Exception):
-    """Raised by a collection hook to end the layer forward once its input was seen."""
-
-
-class _Stats:
-    """Input statistics of one linear group: Hessian, per-channel mean/max |x|, optional token sample."""
-
-    def __init__(self, n: int, sample_every: int = 0) -> None:
-        self.h = torch.zeros(n, n)
-        self.abs_sum = torch.zeros(n, dtype=torch.float64)
-        self.absmax = torch.zeros(n)
-        self.count = 0
-        self.sample_every = sample_every
-        self.samples: list[torch.Tensor] = []
-        self.block: nn.Module | None = None
-        self.block_inputs: list[tuple[tuple, dict]] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.h.addmm_(x.t(), x)
-        ax = x.abs()
-        self.abs_sum += ax.sum(0, dtype=torch.float64)
-        self.absmax = torch.maximum(self.absmax, ax.amax(0))
-        self.count += x.shape[0]
-        if self.sample_every:
-            self.samples.append(x[:: self.sample_every].clone())
-
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        return (self.abs_sum / max(self.count, 1)).float()
-
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.zeros(0, self.h.shape[0])
-
-
 # ----------------------------------------------------------------------------------------------------
 # the driver
-
-
-class _Catcher(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-        self.captured: list[tuple[tuple, dict]] = []
-
-    def __getattr__(self, name: str) -> Any:  # model code may read layer attributes (attention_type)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["layer"], name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.captured.append((args, kwargs))
-        raise _Stop
-
-
-def _layer_out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor,
-                          batch: int) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """Per batch: (hidden states, other positional args, keyword args) as passed to layer 0."""
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
-    try:
-        for i in range(0, ids.shape[0], batch):
-            try:
-                model(input_ids=ids[i:i + batch], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        layers[0] = catcher.layer
-    out = []
-    for args, kwargs in catcher.captured:
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        out.append((hidden, rest, kwargs))
-    return out
 
 
 def _effective(qt: QTensor, col_scale: torch.Tensor | None) -> torch.Tensor:
@@ -319,8 +143,8 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
                         if method == "smoothquant":
                             every = max(1, res.calibration["tokens"] // SQ_SAMPLE_TOKENS)
                         block = _block_of(smooth_by_first.get(grp[0])) if method == "awq" and AWQ_BLOCK_LOSS else None
-                        stats = _collect(layer, layer.get_submodule(grp[0]), cached, every,
-                                         layer.get_submodule(block) if block else None)
+                        stats = collect(layer, layer.get_submodule(grp[0]), cached, every,
+                                        layer.get_submodule(block) if block else None)
                         stats.block = layer.get_submodule(block) if block else None
                     _quantize_group(layer, grp, targets, prefix, smooth_by_first.get(grp[0]), stats,
                                     config, method, bits, group_size, symmetric, res)
@@ -328,7 +152,7 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
                         for lin in targets:
                             hooks.append(_act_hook(layer.get_submodule(lin), res.act_qparams[prefix + lin]))
                 if cached is not None:
-                    cached = [(_layer_out(layer(h, *rest, **kw)), rest, kw) for h, rest, kw in cached]
+                    cached = [(layer_out(layer(h, *rest, **kw)), rest, kw) for h, rest, kw in cached]
             finally:
                 for hk in hooks:
                     hk.remove()
@@ -337,55 +161,6 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
 
     _quantize_outside_layers(model, spec, patterns, config, bits, group_size, symmetric, res, cached)
     return res
-
-
-def check_targets(model: nn.Module, spec: ArchSpec, patterns: list[str], group_size: int | None) -> None:
-    """Every linear to be quantized exists and the group size divides its in_features (a group at least
-    as wide as the row means one group per row, i.e. per channel)."""
-    layers = model.get_submodule(spec.layers_path)
-    for li in range(len(layers)):
-        for lin in spec.linears:
-            name = f"{spec.layers_path}.{li}.{lin}"
-            try:
-                m = model.get_submodule(name)
-            except AttributeError:
-                raise UserError(f"{name}: not found in the model", "the checkpoint does not match its architecture spec") from None
-            if is_ignored(name, patterns) or group_size is None:
-                continue
-            in_f = get_weight(m).shape[1]
-            if group_size < in_f and in_f % group_size:  # group >= in_features: one group per row
-                raise UserError(f"group size {group_size} does not divide {name}'s {in_f} input features",
-                                "choose a group size that divides the hidden and intermediate sizes")
-
-
-def _collect(layer: nn.Module, first: nn.Module, cached: list, sample_every: int,
-             block: nn.Module | None = None, block_batches: int = 1) -> _Stats:
-    """Run the layer on the cached inputs up to ``first``; with ``block``, also keep that module's
-    inputs for the first ``block_batches`` batches (AWQ's block-output loss)."""
-    n = get_weight(first).shape[1]
-    stats = _Stats(n, sample_every)
-
-    def hook(_m: nn.Module, args: tuple) -> None:
-        stats.add(args[0])
-        raise _Stop
-
-    def block_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        if len(stats.block_inputs) < block_batches:
-            stats.block_inputs.append((args, kwargs))
-
-    handles = [first.register_forward_pre_hook(hook)]
-    if block is not None:
-        handles.append(block.register_forward_pre_hook(block_hook, with_kwargs=True))
-    try:
-        for h, rest, kw in cached:
-            try:
-                layer(h, *rest, **kw)
-            except _Stop:
-                pass
-    finally:
-        for hd in handles:
-            hd.remove()
-    return stats
 
 
 def _block_of(smooth: SmoothGroup | None) -> str | None:
@@ -402,17 +177,17 @@ def _block_of(smooth: SmoothGroup | None) -> str | None:
     return parent
 
 
-def _block_loss(stats: _Stats, mods: dict[str, nn.Module], w_orig: dict[str, torch.Tensor], bits: int,
+def _block_loss(stats: Stats, mods: dict[str, nn.Module], w_orig: dict[str, torch.Tensor], bits: int,
                 group_size: int | None, symmetric: bool) -> Any:
     """loss(s): squared error of the block's output with the linears replaced by Q(W·s)/s."""
     block, inputs = stats.block, stats.block_inputs
-    refs = [_layer_out(block(*a, **k)).float() for a, k in inputs]
+    refs = [layer_out(block(*a, **k)).float() for a, k in inputs]
 
     def loss(s: torch.Tensor) -> float:
         try:
             for t, m in mods.items():
                 set_weight(m, fake_quantize(w_orig[t] * s, bits, group_size, symmetric) / s)
-            return sum(float((_layer_out(block(*a, **k)).float() - r).pow(2).sum())
+            return sum(float((layer_out(block(*a, **k)).float() - r).pow(2).sum())
                        for (a, k), r in zip(inputs, refs))
         finally:
             for t, m in mods.items():
@@ -431,7 +206,7 @@ def _act_hook(module: nn.Module, qp: dict) -> Any:
 
 
 def _quantize_group(layer: nn.Module, grp: tuple[str, ...], targets: list[str], prefix: str,
-                    smooth: SmoothGroup | None, stats: _Stats | None, config: Any, method: str, bits: int,
+                    smooth: SmoothGroup | None, stats: Stats | None, config: Any, method: str, bits: int,
                     group_size: int | None, symmetric: bool, res: QuantResult) -> None:
     mods = {lin: layer.get_submodule(lin) for lin in grp}
     w_orig = {lin: get_weight(mods[lin]) for lin in targets}

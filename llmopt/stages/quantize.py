@@ -24,7 +24,8 @@ from llmopt.models import presets
 from llmopt.models.loader import DTYPES, load_model
 from llmopt.models.registry import dims_of, spec_for
 from llmopt.progress import Progress
-from llmopt.quant.calibrate import calibration_ids, quantize_model
+from llmopt.quant.calibrate import quantize_model
+from llmopt.quant.capture import calibration_ids
 from llmopt.quant.format import SCHEME_FILE, is_quantized, save_quantized
 from llmopt.recipe import QuantizeConfig
 from llmopt.stages.base import Stage

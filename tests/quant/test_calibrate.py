@@ -7,8 +7,10 @@ from llmopt.artifact import Artifact
 from llmopt.errors import UserError
 from llmopt.models.registry import ARCHS, spec_for
 from llmopt.progress import SILENT
-from llmopt.quant.calibrate import calibration_ids, quantize_model, sublayer_groups, windows
+from llmopt.quant.calibrate import quantize_model
+from llmopt.quant.capture import calibration_ids, windows
 from llmopt.quant.format import load_activation_qparams, load_dequantized, load_qtensors, read_scheme, save_quantized
+from llmopt.quant.modules import sublayer_groups
 from llmopt.recipe import CalibrationConfig, QuantizeConfig
 
 from .conftest import TEXT, realistic, tiny_model

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmopt.models.registry import spec_for
-from llmopt.quant.calibrate import fold_scales, get_weight
+from llmopt.quant.modules import fold_scales, get_weight
 from llmopt.quant.rtn import quantize
 from llmopt.quant.smoothquant import activation_qparams, fake_quant_activation, smooth_scales, w8a8_output_error
 

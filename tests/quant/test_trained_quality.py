@@ -9,7 +9,8 @@ import torch
 from llmopt.metrics import summarize, token_arrays
 from llmopt.models import presets
 from llmopt.progress import SILENT
-from llmopt.quant.calibrate import _act_hook, calibration_ids, quantize_model
+from llmopt.quant.calibrate import _act_hook, quantize_model
+from llmopt.quant.capture import calibration_ids
 from llmopt.recipe import QuantizeConfig
 
 pytestmark = [pytest.mark.slow,
