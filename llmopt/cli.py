@@ -157,6 +157,8 @@ def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONN
               device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
               threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,
               accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy level (4: int8 activations).")] = 4,
+              attention: Annotated[str, typer.Option(help="ONNX Runtime attention: auto | gqa | standard.")] = "auto",
+              quantize_lm_head: Annotated[str, typer.Option(help="ONNX Runtime lm_head: none | int8 | int4.")] = "none",
               workspace: Annotated[float, typer.Option(help="TensorRT workspace GiB.")] = 4.0,
               timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file (shared).")] = None,
               hardware_compat: Annotated[str, typer.Option(help="none | ampere+ | same-compute-capability")] = "none",
@@ -174,7 +176,8 @@ def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONN
     env = {k: v for k, v in (("batch", _triple(batch, "batch")), ("input_len", _triple(input_len, "input-len")),
                              ("total_len", _triple(total_len, "total-len"))) if v is not None}
     cfg = validated(BuildConfig, {"backend": backend, "device": device, "threads": threads,
-                                  "accuracy_level": accuracy_level, "workspace_gib": workspace,
+                                  "accuracy_level": accuracy_level, "attention": attention,
+                                  "quantize_lm_head": quantize_lm_head, "workspace_gib": workspace,
                                   "timing_cache": str(timing_cache.resolve()) if timing_cache else None,
                                   "hardware_compat": hardware_compat, "version_compatible": version_compatible,
                                   "envelope": env}, "build")

@@ -160,8 +160,8 @@ def _allowed_names(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 class RecipeError(UserError):
-    def __init__(self, source: str, lines: list[str]) -> None:
-        super().__init__(f"{source}: invalid recipe\n" + "\n".join(lines))
+    def __init__(self, source: str, lines: list[str], what: str = "recipe") -> None:
+        super().__init__(f"{source}: invalid {what}\n" + "\n".join(lines))
         self.lines = lines
 
 
@@ -231,7 +231,7 @@ def validated(model: type[BaseModel], data: dict, what: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(what, format_validation_error(err, model)) from None
+        raise RecipeError(what, format_validation_error(err, model), "options") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:
