@@ -1,6 +1,6 @@
 """build (onnxruntime): an offline-optimized ONNX model ONNX Runtime loads fast, plus session.json.
 
-For the CPU the exported graph is first rewritten for ONNX Runtime (llmopt.ort_fusions): attention
+For the CPU the exported graph is first rewritten for ONNX Runtime (llmopt.ort): attention
 becomes GroupQueryAttention over a KV buffer of the envelope's total_len max (``attention: auto|gqa``),
 residual + RMSNorm becomes SkipSimplifiedLayerNormalization, and a float lm_head can become MatMulNBits
 (``quantize_lm_head``). io.json is rewritten to the graph's I/O. The ONNX artifact itself is untouched.
@@ -74,7 +74,7 @@ def rewrite_for_ort(onnx_art: Artifact, out: Path, config: BuildConfig, io: dict
     """Apply the ORT-only graph rewrites; returns (model to optimize, its io.json, what was done)."""
     import onnx
 
-    from llmopt import ort_fusions as F
+    from llmopt import ort as F
 
     src = onnx_art.path / MODEL_FILE
     model = onnx.load(str(src), load_external_data=True)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from llmopt import ort_fusions as F
+from llmopt import ort as F
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

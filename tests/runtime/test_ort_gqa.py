@@ -117,7 +117,7 @@ def test_standard_session_still_chains_present_as_past(std_engine):
 
 
 def test_gqa_required_but_unsupported_is_a_user_error(tiny_onnx, tmp_path, monkeypatch):
-    from llmopt import ort_fusions
+    from llmopt import ort as ort_fusions
 
     def refuse(*a, **k):
         raise ort_fusions.RewriteUnsupported("no attention here")

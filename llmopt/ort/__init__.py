@@ -1,0 +1,38 @@
+"""Graph rewrites for the ONNX Runtime build only; the exported ONNX stays standard for TensorRT.
+
+``fuse_gqa`` replaces each layer's standard attention block of an opset-23 export
+
+    MatMul → Reshape → Transpose → RotaryEmbedding ─┐            (q)
+    MatMul → Reshape → Transpose → RotaryEmbedding → Concat(past_k) → [repeat_kv] ─┤  (k, present.i.key)
+    MatMul → Reshape → Transpose ──────────────────→ Concat(past_v) → [repeat_kv] ─┤  (v, present.i.value)
+    attention_mask → causal/padding mask ──────────────────────────────────────────┴→ Attention → Transpose → Reshape
+
+with one ``com.microsoft.GroupQueryAttention`` (rotary inside, ``do_rotary=1``) whose past and present
+KV tensors are one preallocated buffer of ``kv_capacity`` positions per layer: the session binds the
+same OrtValue as ``past_key_values.i.*`` and ``present.i.*``, so a decode step writes one position and
+reads the cache in place, never concatenating or repeating it. The graph inputs become
+
+    input_ids [batch, seq] · seqlens_k int32 [batch] (tokens in the cache after this step - 1)
+    · total_sequence_length int32 [1] (max over the batch of seqlens_k + 1) · past_key_values.* [batch, kv_heads, kv_capacity, head_dim]
+
+and the rows of a batch are right-padded (each row's tokens start at cache position 0; the session
+compacts a left-padded batch). The rotary cos/sin tables are computed by running the export's own
+position → cos/sin subgraph for positions ``0..kv_capacity-1``, so any rope scaling the exporter traced is
+kept exactly.
+
+``fuse_skip_rmsnorm`` turns ``Add → RMSNormalization`` (residual + norm) into
+``com.microsoft.SkipSimplifiedLayerNormalization``; ``pack_matmuls`` concatenates the weights of
+sibling MatMuls that read the same activation (q/k/v, gate/up) so each layer runs fewer, larger GEMMs;
+``quantize_lm_head`` turns the float lm_head MatMul into MatMulNBits (int4/int8, block-wise).
+"""
+
+from llmopt.ort.attention import (CAPACITY_DIM, SEQLENS_K, TOTAL_SEQ, find_attention_blocks, fuse_gqa, gqa_io,
+                                  rotary_tables)
+from llmopt.ort.graph import MS_DOMAIN, RewriteUnsupported, prune
+from llmopt.ort.lm_head import LM_HEAD_BLOCK, lm_head_node, pack_nbits, quantize_lm_head, rtn_blockwise
+from llmopt.ort.norms import fuse_skip_rmsnorm
+from llmopt.ort.packing import pack_matmuls
+
+__all__ = ["CAPACITY_DIM", "LM_HEAD_BLOCK", "MS_DOMAIN", "SEQLENS_K", "TOTAL_SEQ", "RewriteUnsupported",
+           "find_attention_blocks", "fuse_gqa", "fuse_skip_rmsnorm", "gqa_io", "lm_head_node", "pack_matmuls",
+           "pack_nbits", "prune", "quantize_lm_head", "rotary_tables", "rtn_blockwise"]
