@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmopt.errors import UserError
+from llmopt.models.loader import TOKENIZER_FILES
 from llmopt.quant.packing import pack_int4, unpack_int4
 from llmopt.quant.rtn import QTensor
 from llmopt.quant.smoothquant import fake_quant_activation
@@ -47,8 +48,6 @@ from llmopt.quant.smoothquant import fake_quant_activation
 FORMAT_VERSION = 1
 SCHEME_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 SUFFIXES = (".qweight", ".scales", ".zeros", ".input_scale", ".input_zero_point")
 
 
