@@ -36,26 +36,22 @@ def search_scale(weights: list[torch.Tensor], hessian: torch.Tensor, act_mean_ab
     """Best per-input-channel scale ``s`` for ``weights`` (``[out, in]``, same input) and the search log."""
     h = hessian.float()
     ws = [w.detach().float() for w in weights]
-    m = act_mean_abs.float().clamp(min=1e-4)
-    best = (float("inf"), 0.0, torch.ones_like(m))
-    losses = []
-    for i in range(grid):
-        r = i / grid
-        s = m.pow(r)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = 0.0
-        for w in ws:
-            dq = fake_quantize(w * s, bits, group_size, symmetric) / s
-            loss += _hessian_loss(w - dq, h)
-        losses.append(loss)
-        if loss < best[0]:
-            best = (loss, r, s)
-    return best[2], {"ratio": best[1], "loss": best[0], "loss_unscaled": losses[0]}
+
+    def loss(s: torch.Tensor) -> float:
+        return sum(_hessian_loss(w - fake_quantize(w * s, bits, group_size, symmetric) / s, h) for w in ws)
+
+    return _grid_search(act_mean_abs, loss, grid)
 
 
 @torch.no_grad()
 def search_scale_with(act_mean_abs: torch.Tensor, loss_fn, grid: int = 20) -> tuple[torch.Tensor, dict]:
     """Same grid as :func:`search_scale` with an arbitrary ``loss_fn(s)`` (e.g. a block's output error)."""
+    best, info = _grid_search(act_mean_abs, loss_fn, grid)
+    return best, {**info, "objective": "block output"}
+
+
+def _grid_search(act_mean_abs: torch.Tensor, loss_fn, grid: int) -> tuple[torch.Tensor, dict]:  # noqa: ANN001
+    """s = mean|x|^r for r in [0, 1) on ``grid`` points, normalised; the one minimising ``loss_fn(s)``."""
     m = act_mean_abs.float().clamp(min=1e-4)
     best = (float("inf"), 0.0, torch.ones_like(m))
     losses = []
@@ -67,7 +63,7 @@ def search_scale_with(act_mean_abs: torch.Tensor, loss_fn, grid: int = 20) -> tu
         losses.append(loss)
         if loss < best[0]:
             best = (loss, r, s)
-    return best[2], {"ratio": best[1], "loss": best[0], "loss_unscaled": losses[0], "objective": "block output"}
+    return best[2], {"ratio": best[1], "loss": best[0], "loss_unscaled": losses[0]}
 
 
 @torch.no_grad()
