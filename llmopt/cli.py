@@ -159,6 +159,9 @@ def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONN
               accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy level (4: int8 activations).")] = 4,
               attention: Annotated[str, typer.Option(help="ONNX Runtime attention: auto | gqa | standard.")] = "auto",
               quantize_lm_head: Annotated[str, typer.Option(help="ONNX Runtime lm_head: none | int8 | int4.")] = "none",
+              kv_cache: Annotated[str, typer.Option(help="ONNX Runtime CPU KV cache: float | int8 (calibrated).")] = "float",
+              kv_calibration: Annotated[Optional[Path], typer.Option(
+                  help="Text whose K/V ranges set the int8 KV cache scales (default: shipped text).")] = None,
               workspace: Annotated[float, typer.Option(help="TensorRT workspace GiB.")] = 4.0,
               timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file (shared).")] = None,
               hardware_compat: Annotated[str, typer.Option(help="none | ampere+ | same-compute-capability")] = "none",
@@ -177,7 +180,9 @@ def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONN
                              ("total_len", _triple(total_len, "total-len"))) if v is not None}
     cfg = validated(BuildConfig, {"backend": backend, "device": device, "threads": threads,
                                   "accuracy_level": accuracy_level, "attention": attention,
-                                  "quantize_lm_head": quantize_lm_head, "workspace_gib": workspace,
+                                  "quantize_lm_head": quantize_lm_head, "kv_cache": kv_cache,
+                                  **({"kv_calibration": {"text": str(kv_calibration.resolve())}} if kv_calibration else {}),
+                                  "workspace_gib": workspace,
                                   "timing_cache": str(timing_cache.resolve()) if timing_cache else None,
                                   "hardware_compat": hardware_compat, "version_compatible": version_compatible,
                                   "envelope": env}, "build")

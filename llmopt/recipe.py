@@ -33,6 +33,10 @@ class CalibrationConfig(Strict):
     seq_len: int = Field(256, ge=8)
 
 
+class KvCalibrationConfig(CalibrationConfig):
+    samples: int = Field(16, ge=1)
+
+
 class QuantizeConfig(Strict):
     method: Literal["rtn", "gptq", "awq", "smoothquant"] = "rtn"
     bits: Literal[4, 8] = 4
@@ -92,10 +96,24 @@ class BuildConfig(Strict):
                             "the graph allows it, else the exported standard Attention")
     quantize_lm_head: Literal["none", "int8", "int4"] = Field(
         "none", description="ONNX Runtime: quantize a float lm_head to MatMulNBits (block-wise, 32)")
+    kv_cache: Literal["float", "int8"] = Field(
+        "float", description="ONNX Runtime CPU GroupQueryAttention: int8 = the KV cache is stored as int8 with "
+                             "per-channel scales calibrated at build time (4x less cache memory and traffic)")
+    kv_calibration: KvCalibrationConfig = Field(KvCalibrationConfig(),
+                                                description="prompts whose K/V ranges set the int8 KV cache scales")
     workspace_gib: float = Field(4.0, gt=0)
     timing_cache: Path | None = None
     hardware_compat: Literal["none", "ampere+", "same-compute-capability"] = "none"
     version_compatible: bool = False
+
+    @model_validator(mode="after")
+    def _kv_cache_target(self) -> "BuildConfig":
+        if self.kv_cache == "int8" and (self.backend, self.device) != ("onnxruntime", "cpu"):
+            raise ValueError("kv_cache int8 is implemented for backend onnxruntime on device cpu "
+                             "(GroupQueryAttention); use kv_cache: float")
+        if self.kv_cache == "int8" and self.attention == "standard":
+            raise ValueError("kv_cache int8 needs attention auto or gqa (the GroupQueryAttention cache)")
+        return self
 
 
 class Gates(Strict):

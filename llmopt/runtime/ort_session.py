@@ -26,7 +26,7 @@ from llmopt.errors import UserError
 from llmopt.models.registry import Dims
 from llmopt.runtime.base import DecoderSession
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 def default_threads() -> int:
@@ -143,7 +143,8 @@ class OrtSession(DecoderSession):
     def io_check(self) -> list[str]:
         """Differences between the session's declared I/O and io.json (names and dtypes)."""
         problems = []
-        types = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32", "tensor(float16)": "float16"}
+        types = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32", "tensor(float16)": "float16",
+                 "tensor(int8)": "int8"}
         got = {i.name: types.get(i.type, i.type) for i in self.session.get_inputs()}
         got.update({o.name: types.get(o.type, o.type) for o in self.session.get_outputs()})
         for t in self.io["inputs"] + self.io["outputs"]:
@@ -161,6 +162,7 @@ class OrtGqaSession(OrtSession):
                  config_entries: dict[str, str] | None = None, opt_level: str = "extended") -> None:
         super().__init__(model_path, io, device, threads, config_entries, opt_level)
         self.capacity = int(io["kv_capacity"])
+        self.cache_dtype = NP_DTYPES[io.get("kv_cache_dtype", io["kv_dtype"])]  # int8: GQA's quantized cache
         self.kv_buffers: list = []      # one OrtValue per past/present pair, [batch, kv_heads, capacity, head_dim]
         self._lengths: np.ndarray | None = None
         self._prompt = False
@@ -175,7 +177,7 @@ class OrtGqaSession(OrtSession):
         d = self.dims
         if not self.kv_buffers or self.kv_buffers[0].shape()[0] != batch:
             shape = [batch, d.num_kv_heads, self.capacity, d.head_dim]
-            self.kv_buffers = [self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+            self.kv_buffers = [self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
                                for _ in self.past]
             b = self.binding
             b.clear_binding_inputs()

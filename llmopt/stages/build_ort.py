@@ -3,7 +3,9 @@
 For the CPU the exported graph is first rewritten for ONNX Runtime (llmopt.ort): attention
 becomes GroupQueryAttention over a KV buffer of the envelope's total_len max (``attention: auto|gqa``),
 residual + RMSNorm becomes SkipSimplifiedLayerNormalization, and a float lm_head can become MatMulNBits
-(``quantize_lm_head``). io.json is rewritten to the graph's I/O. The ONNX artifact itself is untouched.
+(``quantize_lm_head``), and the cache can be stored as int8 with per-channel scales calibrated here on the
+float graph (``kv_cache: int8``, llmopt.ort.kv_cache). io.json is rewritten to the graph's I/O. The ONNX
+artifact itself is untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import shutil
 import time
 from pathlib import Path
+
+import numpy as np
 
 from llmopt.artifact import Artifact, lineage
 from llmopt.errors import UserError
@@ -107,6 +111,51 @@ def rewrite_for_ort(onnx_art: Artifact, out: Path, config: BuildConfig, io: dict
     return dst, io, done
 
 
+def kv_calibration_ids(config: BuildConfig, onnx_art: Artifact) -> tuple[np.ndarray, dict]:
+    """[samples, seq_len] token ids of the KV calibration text, tokenized by the lineage's checkpoint."""
+    from llmopt.models import presets
+    from llmopt.models.loader import load_tokenizer
+    from llmopt.quant.capture import calibration_ids
+
+    cal = config.kv_calibration
+    path = Path(cal.text) if cal.text is not None else presets.DEFAULT_CALIB_TEXT
+    if not path.is_file():
+        raise UserError(f"{path}: KV calibration text not found", "pass --kv-calibration FILE (plain text)")
+    ckpt = next((a for a in lineage(onnx_art) if a.kind == "checkpoint"), None)
+    tokenizer = load_tokenizer(ckpt.path) if ckpt is not None and ckpt.path.is_dir() else None
+    if tokenizer is None:
+        raise UserError(f"{onnx_art.path}: kv_cache int8 needs the checkpoint's tokenizer to calibrate, and the "
+                        "lineage has none", "build from a checkpoint that ships tokenizer.json, or use kv_cache: float")
+    seq_len = min(cal.seq_len, config.envelope.total_len[2])
+    ids = calibration_ids(path.read_text(encoding="utf-8", errors="replace"), tokenizer, cal.samples, seq_len)
+    return ids.numpy().astype(np.int64), {"text": str(path), "samples": cal.samples, "seq_len": seq_len}
+
+
+def int8_kv_cache(src: Path, io: dict, config: BuildConfig, onnx_art: Artifact, entries: dict[str, str],
+                  progress: Progress) -> tuple[dict, dict]:
+    """Calibrate the cache range on the float GroupQueryAttention graph at ``src``, then make its cache
+    int8 (rewrites ``src`` in place); returns (io.json, what was done)."""
+    import onnx
+
+    from llmopt import ort as F
+    from llmopt.runtime.ort_session import OrtGqaSession
+
+    if io.get("attention") != "gqa":
+        raise UserError(f"{onnx_art.path}: kv_cache int8 needs the GroupQueryAttention graph, and this model kept "
+                        "standard attention", "build with kv_cache: float")
+    ids, summary = kv_calibration_ids(config, onnx_art)
+    model = onnx.load(str(src), load_external_data=False)
+    rotary = F.kv_rotary_of(model, io)
+    session = OrtGqaSession(src, io, threads=config.threads or default_threads(), config_entries=entries)
+    batch = 4
+    with progress.task("calibrate the int8 KV cache", total=-(-len(ids) // batch)) as advance:
+        rng = F.calibrate_kv(session, ids, rotary, batch=batch, on_batch=advance)
+    del session
+    done = {**summary, **F.quantize_kv_cache(model, io, rng.scales())}
+    onnx.save_model(model, str(src))  # initializers stay in the external data file the proto points at
+    return F.int8_io(io), done
+
+
 def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     onnx_art = inputs[0]
     io = json.loads((onnx_art.path / "io.json").read_text())
@@ -115,6 +164,8 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
         with progress.task("rewrite graph for ONNX Runtime (GroupQueryAttention, fused norms)"):
             src, io, rewrite = rewrite_for_ort(onnx_art, out, config, io)
         settings = session_settings(config, io)
+        if config.kv_cache == "int8":
+            io, rewrite["kv_cache"] = int8_kv_cache(src, io, config, onnx_art, settings["config_entries"], progress)
         with progress.task("optimize graph (ONNX Runtime, offline)"):
             optimize_offline(src, out / MODEL_FILE, config, settings["config_entries"])
         for f in out.glob(REWRITTEN + "*"):
