@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 BASELINES = ("torch", "torch-compile")
 WARMUP_STEPS = 2           # decode steps of each generation left out of the statistics
-CONTEXT_STEPS = 16         # decode steps timed at each context length
+CONTEXT_STEPS = 24         # decode steps timed at each context length
 LOAD_TIMEOUT_S = 900       # torch.compile compiles during its warm-up
 STEP_TIMEOUT_S = 1800
 

@@ -116,14 +116,16 @@ def run_bench(systems: list[System], config: BenchConfig, vocab: int, log=lambda
         for name in order:
             reply = workers[name].ask({"cmd": "generate", "ids": prompt, "new_tokens": config.new_tokens}, STEP_TIMEOUT_S)
             _record(results[name], reply, "runs")
-    for ctx in config.contexts:
-        ids = prompt_ids(vocab, ctx, config.seed + ctx)
-        for r in range(config.repeat):
-            order = names[r % len(names):] + names[:r % len(names)] if names else []
-            log(f"context {ctx}: round {r + 1}/{config.repeat}")
-            for name in order:
+    # each system runs all its context lengths back to back within a round, so its ratio (longest ÷
+    # shortest) compares measurements seconds apart, not phases minutes apart under a different load
+    ctx_ids = {ctx: prompt_ids(vocab, ctx, config.seed + ctx) for ctx in config.contexts}
+    for r in range(config.repeat if ctx_ids else 0):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        log(f"contexts {', '.join(map(str, ctx_ids))}: round {r + 1}/{config.repeat}")
+        for name in order:
+            for ctx, ids in (ctx_ids.items() if r % 2 == 0 else reversed(ctx_ids.items())):
                 if not results[name]["ok"]:
-                    continue
+                    break
                 reply = workers[name].ask({"cmd": "generate", "ids": ids, "new_tokens": CONTEXT_STEPS + WARMUP_STEPS + 1},
                                           STEP_TIMEOUT_S)
                 results[name]["contexts"].setdefault(str(ctx), [])
@@ -183,10 +185,12 @@ def summarize(res: dict, bandwidth_gbs: float, config: BenchConfig) -> dict:
     prefill = float(np.median([r["prefill_s"] for r in runs]) * 1e3)
     wbytes = load.get("weight_bytes")
     floor = wbytes / (bandwidth_gbs * 1e9) * 1e3 if wbytes else None
-    ctx = {}
+    ctx, ctx_rounds = {}, {}
     for c, replies in res["contexts"].items():
         st = [s for r in replies for s in r["step_s"][WARMUP_STEPS:]]
         ctx[c] = _stats(st)["median"]
+        ctx_rounds[c] = [_stats(r["step_s"][WARMUP_STEPS:])["median"] for r in replies]
+    lo, hi = (min(ctx, key=int), max(ctx, key=int)) if ctx else (None, None)
     rss = res.get("rss", {})
     out.update({
         "backend": load.get("backend"), "load_s": load.get("load_s"), "warmup_s": load.get("warmup_s"),
@@ -199,7 +203,8 @@ def summarize(res: dict, bandwidth_gbs: float, config: BenchConfig) -> dict:
         "artifact_bytes": load.get("artifact_bytes"), "weight_bytes_per_token": wbytes,
         "decode_floor_ms": floor, "floor_fraction": floor / decode["median"] if floor else None,
         "context_decode_ms": ctx,
-        "context_ratio": (ctx[max(ctx, key=int)] / ctx[min(ctx, key=int)]) if len(ctx) > 1 else None,
+        "context_ratio": (ctx[hi] / ctx[lo]) if len(ctx) > 1 else None,
+        "context_ratio_per_round": [b / a for a, b in zip(ctx_rounds[lo], ctx_rounds[hi])] if len(ctx) > 1 else [],
         "tokens": runs[-1]["tokens"],
     })
     for key in ("profile", "profile_context"):
