@@ -176,3 +176,13 @@ def test_int4_cpu_fast_recipe_quality_on_the_trained_model(cli, tmp_path):
     assert r.code == 0, r.err
     kl = json.loads((w / "report" / "report.json").read_text())["quantization"]["teacher_forced"]["kl_mean"]
     assert kl8 <= kl * 1.2 + 2e-6
+
+
+def test_kv_cache_int8_when_attention_falls_back_to_standard_is_a_user_error(tiny_onnx, tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise F.RewriteUnsupported("no attention here")
+
+    monkeypatch.setattr(F, "fuse_gqa", refuse)
+    with pytest.raises(UserError, match="kept standard attention"):
+        run_stage(build.STAGE, BuildConfig(kv_cache="int8"), [open_artifact(tiny_onnx)], tmp_path / "e")
+    assert not (tmp_path / "e").exists()
