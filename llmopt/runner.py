@@ -44,16 +44,10 @@ def _fingerprint(value: Any) -> Any:
     return value
 
 
-# Files a stage reads when its config leaves a path unset: their content is part of the key too.
-DEFAULT_FILES = {"quantize": presets.DEFAULT_CALIB_TEXT, "validate": presets.DEFAULT_EVAL_TEXT}
-
-
 def key_for(stage: Stage, config: BaseModel, inputs: list[Artifact]) -> tuple[str, dict]:
     resolved = config.model_dump(mode="json")
     described = _fingerprint(resolved)
-    default = DEFAULT_FILES.get(stage.name)
-    if stage.name == "build" and getattr(config, "kv_cache", "float") == "int8" and config.kv_calibration.text is None:
-        default = presets.DEFAULT_CALIB_TEXT  # the int8 KV cache scales are calibrated on it
+    default = stage.default_file(config)
     if default is not None and default.exists():
         described["default_text"] = _fingerprint(str(default))
     key = cache_key(stage.name, stage.version, described, [a.key for a in inputs], list(stage.packages))

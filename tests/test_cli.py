@@ -99,15 +99,16 @@ def test_generate_prints_completion(cli, tiny_onnx):
 def test_default_eval_text_content_is_in_the_key(monkeypatch, tmp_path, tiny_onnx):
     from llmopt.models import presets
     from llmopt.recipe import ValidateConfig
-    from llmopt.runner import DEFAULT_FILES, key_for
+    from llmopt.runner import key_for
     from llmopt.stages import validate
     from llmopt.artifact import open_artifact
 
     art = open_artifact(tiny_onnx)
+    shipped = presets.DEFAULT_EVAL_TEXT
     before, _ = key_for(validate.STAGE, ValidateConfig(), [art])
     fake = tmp_path / "eval.txt"
     fake.write_text("different text")
-    monkeypatch.setitem(DEFAULT_FILES, "validate", fake)
+    monkeypatch.setattr(presets, "DEFAULT_EVAL_TEXT", fake)
     after, _ = key_for(validate.STAGE, ValidateConfig(), [art])
     assert before != after
-    assert presets.DEFAULT_EVAL_TEXT.exists()
+    assert shipped.exists()

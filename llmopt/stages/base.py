@@ -28,3 +28,5 @@ class Stage:
     run: RunFn
     input_kinds: tuple[str, ...] = ()
     packages: tuple[str, ...] = field(default=("torch", "transformers"))  # versions that change the output
+    # the file the stage reads when its config leaves a path unset (shipped text): its content is in the key
+    default_file: Callable[[Any], Path | None] = lambda config: None

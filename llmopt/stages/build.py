@@ -10,6 +10,15 @@ from llmopt.recipe import BuildConfig
 from llmopt.stages.base import Stage
 
 
+def default_file(config: BuildConfig) -> Path | None:
+    """The int8 KV cache scales are calibrated on the shipped text unless the config names one."""
+    if config.kv_cache == "int8" and config.kv_calibration.text is None:
+        from llmopt.models import presets
+
+        return presets.DEFAULT_CALIB_TEXT
+    return None
+
+
 def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     if config.backend == "tensorrt":
         from llmopt.stages import build_trt
@@ -21,4 +30,4 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
 
 
 STAGE = Stage(name="build", kind="engine", version=1, config_model=BuildConfig, run=run, input_kinds=("onnx",),
-              packages=("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"))
+              packages=("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"), default_file=default_file)

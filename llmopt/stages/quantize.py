@@ -110,4 +110,4 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
 
 
 STAGE = Stage(name="quantize", kind="checkpoint", version=1, config_model=QuantizeConfig, run=run,
-              input_kinds=("checkpoint",))
+              input_kinds=("checkpoint",), default_file=lambda config: presets.DEFAULT_CALIB_TEXT)

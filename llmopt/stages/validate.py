@@ -127,7 +127,8 @@ def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Pro
 
 
 STAGE = Stage(name="validate", kind="report", version=1, config_model=ValidateConfig, run=run,
-              input_kinds=("engine", "onnx"), packages=("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt"))
+              input_kinds=("engine", "onnx"), packages=("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
+              default_file=lambda config: presets.DEFAULT_EVAL_TEXT)
 
 
 def load_report(directory: Path) -> dict:
