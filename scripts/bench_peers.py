@@ -13,8 +13,8 @@ round-robin workers of ``llmopt.bench`` (one process per system, same prompt, sa
 
 and prints one table of ratios plus the issue's targets. Speed does not depend on the weight values, so
 the group-128 engines use RTN (GPTQ/AWQ write the same bytes); what each scheme costs in quality is
-measured on the trained model by ``llmopt validate`` (docs/performance.md). The GenAI side lives in its own virtual
-environment (default ~/.cache/llmopt/peers-venv), created here on first use with
+measured on the trained model by ``llmopt validate`` (docs/performance.md). The GenAI side lives in its
+own virtual environment (default ~/.cache/llmopt/peers-venv), created here on first use with
 ``pip install torch==2.13.0 onnxruntime-genai transformers ...``: onnxruntime-genai pulls its own
 onnxruntime, which must never land in the project's .venv.
 
@@ -257,15 +257,14 @@ def main() -> int:
                                                                  ratio(s["name"], "ORT GenAI fp32"))],
                   f"{s['prefill_ms']:.0f}", "—" if s.get("context_ratio") is None else f"{s['context_ratio']:.2f}")
     console.print(t, width=max(console.width, 150))
-    head = HEADLINE
     targets = [
-        (f"{head} decode vs eager fp32 ≥ 6×", ratio(head, "torch eager"), lambda v: v >= 6),
-        (f"{head} decode vs ORT GenAI int4 ≥ 1.0×", ratio(head, "ORT GenAI int4"), lambda v: v >= 1.0),
+        (f"{HEADLINE} decode vs eager fp32 ≥ 6×", ratio(HEADLINE, "torch eager"), lambda v: v >= 6),
+        (f"{HEADLINE} decode vs ORT GenAI int4 ≥ 1.0×", ratio(HEADLINE, "ORT GenAI int4"), lambda v: v >= 1.0),
         ("llmopt int4 as GenAI builds it, vs ORT GenAI int4 (same scheme)", ratio("llmopt int4 (GenAI scheme)",
                                                                                "ORT GenAI int4"), lambda v: v >= 1.0),
         ("fp32 decode vs eager ≥ 1.8×", ratio("llmopt fp32", "torch eager"), lambda v: v >= 1.8),
-        (f"{head} prefill of the prompt ≤ 600 ms", by.get(head, {}).get("prefill_ms"), lambda v: v <= 600),
-        (f"{head} decode ms ctx max / ctx min ≤ 1.3×", by.get(head, {}).get("context_ratio"), lambda v: v <= 1.3),
+        (f"{HEADLINE} prefill of the prompt ≤ 600 ms", by.get(HEADLINE, {}).get("prefill_ms"), lambda v: v <= 600),
+        (f"{HEADLINE} decode ms ctx max / ctx min ≤ 1.3×", by.get(HEADLINE, {}).get("context_ratio"), lambda v: v <= 1.3),
     ]
     for label, value, ok in targets:
         mark = "—" if value is None else ("✓" if ok(value) else "✗")

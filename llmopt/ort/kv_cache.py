@@ -29,6 +29,10 @@ def _gqa_nodes(model: onnx.ModelProto, io: dict) -> list[onnx.NodeProto]:
     return [by_past[k] for k, _ in io["past_names"]]
 
 
+def _kv_names(io: dict) -> set[str]:
+    return {n for pair in io["past_names"] + io["present_names"] for n in pair}
+
+
 def _rotary(node: onnx.NodeProto, model: onnx.ModelProto) -> tuple[int, bool]:
     """(rotary dim, interleaved) of a GroupQueryAttention node; (0, False) without rotary."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -55,7 +59,6 @@ class KvRange:
         self.k = np.zeros((layers, kv_heads, head_dim), np.float32)
         self.v = np.zeros((layers, kv_heads, head_dim), np.float32)
         self.rotary = rotary
-        self.tokens = 0
 
     def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v: [batch, kv_heads, tokens, head_dim], only positions that hold tokens."""
@@ -84,7 +87,6 @@ def calibrate(session, ids: np.ndarray, rotary: list[tuple[int, bool]], batch: i
             k = session.kv_buffers[2 * layer].numpy()[:, :, :seq]
             v = session.kv_buffers[2 * layer + 1].numpy()[:, :, :seq]
             rng.update(layer, k, v)
-        rng.tokens += int(ids[start:start + batch].size)
         if on_batch is not None:
             on_batch()
     return rng
@@ -109,7 +111,7 @@ def quantize_kv_cache(model: onnx.ModelProto, io: dict, scales: list[tuple[np.nd
         node.attribute.extend(keep + [helper.make_attribute("k_quant_type", "PER_CHANNEL"),
                                       helper.make_attribute("v_quant_type", "PER_CHANNEL"),
                                       helper.make_attribute("kv_cache_bit_width", 8)])
-    kv = {n for pair in io["past_names"] + io["present_names"] for n in pair}
+    kv = _kv_names(io)
     for v in list(model.graph.input) + list(model.graph.output):
         if v.name in kv:
             v.type.tensor_type.elem_type = TensorProto.INT8
@@ -122,7 +124,7 @@ def quantize_kv_cache(model: onnx.ModelProto, io: dict, scales: list[tuple[np.nd
 
 def int8_io(io: dict) -> dict:
     """io.json for a graph whose cache ``quantize_kv_cache`` made int8."""
-    kv = {n for pair in io["past_names"] + io["present_names"] for n in pair}
+    kv = _kv_names(io)
 
     def retype(ts: list[dict]) -> list[dict]:
         return [{**t, "dtype": "int8"} if t["name"] in kv else t for t in ts]
