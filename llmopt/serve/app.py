@@ -92,6 +92,12 @@ def create_app(engine: ServedEngine, scheduler: Scheduler, metrics: Metrics, api
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
 
+    from llmopt.serve.routes import ClientGone, router
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; counted in llmopt_requests_total as 499
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message, param = _validation_message(exc)
@@ -117,8 +123,6 @@ def create_app(engine: ServedEngine, scheduler: Scheduler, metrics: Metrics, api
     async def models() -> dict:
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": app.state.created,
                                             "owned_by": "llmopt"}]}
-
-    from llmopt.serve.routes import router
 
     app.include_router(router, dependencies=[Depends(require_key)])
     return app

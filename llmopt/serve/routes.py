@@ -83,23 +83,33 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its (non-streamed) answer was ready."""
+
+
 async def _collect(request: Request, job: _Job) -> tuple[str, Event]:
-    """Wait for the whole completion; a client that goes away cancels its sequence."""
+    """Wait for the whole completion; a client that goes away cancels its sequence at once."""
+    parts: list[str] = []
+
+    async def consume() -> Event:
+        async for ev in job.events():
+            parts.append(ev.text)
+        return ev
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        job.cancel()
 
-    watcher = asyncio.create_task(watch())
-    parts: list[str] = []
+    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
     try:
-        async for ev in job.events():
-            parts.append(ev.text)
-            last = ev
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        job.cancel()  # a no-op after a normal finish
+        for task in (consumer, watcher):
+            task.cancel()
+        job.cancel()  # frees the slot when the client left; a no-op after a normal finish
+    if not consumer.done() or consumer.cancelled():
+        raise ClientGone()
+    last = consumer.result()
     if last.error:
         raise ApiError(500, last.error, "server_error")
     return "".join(parts), last

@@ -48,6 +48,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    token_ids: list[int] | None = None  # every generated id, on the final event
 
 
 @dataclass
@@ -254,7 +255,7 @@ class Scheduler:
     def _finish(self, seq: _Seq, reason: str, text: str = "", error: str | None = None) -> None:
         seq.slot = -1  # leaves the batch; its slot is reused after the next compaction
         self._deliver(seq, Event(text, reason, prompt_tokens=len(seq.req.prompt),
-                                 completion_tokens=len(seq.generated), error=error))
+                                 completion_tokens=len(seq.generated), error=error, token_ids=list(seq.generated)))
 
     def _deliver(self, seq: _Seq, event: Event) -> None:
         try:
