@@ -28,7 +28,8 @@ class _Job:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.scheduler = scheduler
         self.req = GenRequest(prompt, body.sampling(), max_tokens, body.stops,
-                              emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
+                              emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
+                              ignore_eos=body.ignore_eos)
         try:
             scheduler.submit(self.req)
         except QueueFull:
@@ -123,9 +124,9 @@ def _stream(job: _Job, include_usage: bool, chunk: Callable[[Event, bool], dict]
                 if ev.error:
                     yield _sse(error_body_for_stream(ev.error))
                     break
-                if ev.text or ev.finish_reason or first:
-                    yield _sse({**base, "choices": [chunk(ev, first)], **({"usage": None} if include_usage else {})})
-                    first = False
+                # one chunk per token (its text may be empty while a stop string or UTF-8 character is pending)
+                yield _sse({**base, "choices": [chunk(ev, first)], **({"usage": None} if include_usage else {})})
+                first = False
                 if ev.finish_reason and include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage(ev)})
             yield _sse("[DONE]")
@@ -187,7 +188,10 @@ async def chat_completions(body: ChatRequest, request: Request):  # noqa: ANN201
             "model": engine.name}
     if body.stream:
         def chunk(ev: Event, first: bool) -> dict:
-            delta = ({"role": "assistant", "content": ev.text} if first else {"content": ev.text}) if ev.text or first else {}
+            if first:
+                delta = {"role": "assistant", "content": ev.text}
+            else:
+                delta = {"content": ev.text} if ev.text or not ev.finish_reason else {}
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
 
         return _stream(job, body.include_usage, chunk, base)

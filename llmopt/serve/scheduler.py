@@ -58,6 +58,7 @@ class Request:
     max_tokens: int
     stop: list[str]
     emit: Callable[[Event], None]        # thread-safe delivery to the route
+    ignore_eos: bool = False             # generate max_tokens whatever the model says (load tests)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -103,8 +104,9 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, req: Request) -> None:
-        seq = _Seq(req, Sampler(req.params), TextStream(self.tokenizer, stop=req.stop, eos_ids=self.eos_ids,
-                                                         context=req.prompt), todo=list(req.prompt))
+        stream = TextStream(self.tokenizer, stop=req.stop, eos_ids=[] if req.ignore_eos else self.eos_ids,
+                            context=req.prompt)
+        seq = _Seq(req, Sampler(req.params), stream, todo=list(req.prompt))
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown()
@@ -249,7 +251,7 @@ class Scheduler:
             self._finish(seq, seq.stream.finish_reason or "stop", text)
         elif len(seq.generated) >= seq.req.max_tokens or seq.cached >= self.slots.capacity:
             self._finish(seq, "length", text + seq.stream.finish("length"))
-        elif text:
+        else:  # one event per token, even when its text is held back: clients see every token's timing
             self._deliver(seq, Event(text))
 
     def _finish(self, seq: _Seq, reason: str, text: str = "", error: str | None = None) -> None:

@@ -27,6 +27,7 @@ class _Generation(_Strict):
     top_k: int = Field(0, ge=0, description="extension: 0 is no limit")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: 1 is none")
     seed: Optional[int] = None
+    ignore_eos: bool = Field(False, description="extension: always generate max_tokens (load tests)")
     stop: Optional[Union[str, list[str]]] = None
     n: Literal[1] = 1
     stream: bool = False
