@@ -93,13 +93,19 @@ def expected_tensors(config: Any, spec: ArchSpec) -> tuple[dict[str, tuple[int, 
     return expected, tied
 
 
-def open_weights(directory: Path) -> TensorSource:
-    files = checkpoint_files(directory)
-    if files:
-        return SafetensorsReader(files)
-    bins = sorted(directory.glob("pytorch_model*.bin"))
-    if not bins:
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: safetensors (index shards or ``*.safetensors``), else pickle ``.bin``."""
+    files = checkpoint_files(directory) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
         raise UserError(f"{directory}: no weights (*.safetensors or pytorch_model*.bin)")
+    return files
+
+
+def open_weights(directory: Path) -> TensorSource:
+    files = weight_files(directory)
+    if files[0].suffix == ".safetensors":
+        return SafetensorsReader(files)
+    bins = files
     tensors: dict[str, torch.Tensor] = {}
     for f in bins:
         try:
