@@ -38,7 +38,7 @@ from llmopt.errors import UserError
 from llmopt.models.registry import ArchSpec, spec_for
 from llmopt.progress import SILENT, Progress
 from llmopt.quant.capture import capture_layer0_inputs, collect, layer_out
-from llmopt.quant.method import GroupContext, Method, QuantResult, method_for
+from llmopt.quant.method import GroupContext, Method, QuantResult, method_for, one_thread
 from llmopt.quant.modules import (check_targets, fold_scales, get_weight, is_ignored, is_linear, set_weight,
                                   sublayer_groups, untie)
 from llmopt.quant.rtn import output_error, quantize
@@ -131,6 +131,12 @@ def _group(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list
         stats = collect(layer, layer.get_submodule(grp[0]), cached, method.sample_every(res.calibration["tokens"]),
                         block_mod)
         stats.block = block_mod
+    with one_thread():
+        return _hooks(method, layer, grp, targets, prefix, smooth, stats, res)
+
+
+def _hooks(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list[str], prefix: str,
+           smooth: Any, stats: Any, res: QuantResult) -> list[Any]:
     ctx = GroupContext(layer=layer, prefix=prefix, linears=grp, targets=targets, smooth=smooth, stats=stats,
                        result=res, w_orig={t: get_weight(layer.get_submodule(t)) for t in targets})
     found = method.smooth(ctx) if stats is not None else None
@@ -190,7 +196,8 @@ def _outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[str], metho
             for hidden, _, _ in final_hidden:
                 x = norm(hidden).reshape(-1, w.shape[1]).float()
                 h.addmm_(x.t(), x)
-        qt = method.quantize_head(w, h)
+        with one_thread():
+            qt = method.quantize_head(w, h)
         if h is not None:
             res.errors[name] = {"method": output_error(w, qt.dequantize(), h),
                                 "rtn": output_error(w, quantize(w, method.bits, method.group_size,
