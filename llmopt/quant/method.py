@@ -4,7 +4,8 @@
   weight as it streams from the checkpoint — RTN, which is why it takes seconds;
 * :mod:`llmopt.quant.calibrate` walks the decoder layers one at a time over calibration activations and,
   for each sub-layer group of linears that share an input (q/k/v, o, gate/up, down), calls
-  :meth:`~Method.smooth` (AWQ / SmoothQuant fold per-channel scales), :meth:`~Method.quantize_linear`,
+  :meth:`~Method.smooth` (AWQ / SmoothQuant fold per-channel scales), :meth:`~Method.quantize_group`
+  (by default :meth:`~Method.quantize_linear` per linear),
   :meth:`~Method.error` and :meth:`~Method.after_group`; then :meth:`~Method.quantize_head` for the
   linears outside the layers (lm_head) when they are not ignored.
 
@@ -103,6 +104,10 @@ class Method:
     def quantize_linear(self, ctx: GroupContext | None, lin: str, w: torch.Tensor) -> QTensor:
         """The quantized ``w`` ``[out, in]`` (float32, after smoothing) of linear ``lin``."""
         return quantize(w, self.bits, self.group_size, self.symmetric)
+
+    def quantize_group(self, ctx: GroupContext, weights: dict[str, torch.Tensor]) -> dict[str, QTensor]:
+        """The group's linears (name → float32 ``[out, in]`` after smoothing), quantized."""
+        return {lin: self.quantize_linear(ctx, lin, w) for lin, w in weights.items()}
 
     def error(self, ctx: GroupContext, lin: str, qt: QTensor) -> dict:
         """Relative output errors of the method and of RTN on the group's calibration inputs."""
