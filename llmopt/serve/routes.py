@@ -151,7 +151,8 @@ async def completions(body: CompletionRequest, request: Request):  # noqa: ANN20
         if any(not 0 <= t < engine.vocab_size for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
     else:
-        prompt = engine.tokenizer(p[0] if isinstance(p, list) else p)["input_ids"]
+        text = p[0] if isinstance(p, list) else p
+        prompt = await asyncio.to_thread(lambda: engine.tokenizer(text)["input_ids"])  # keep the event loop free
     max_tokens = _max_tokens(engine, prompt, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
     job = _Job(scheduler, prompt, body, max_tokens)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -181,7 +182,7 @@ def chat_prompt(engine: ServedEngine, body: ChatRequest) -> list[int]:
 async def chat_completions(body: ChatRequest, request: Request):  # noqa: ANN201
     engine, scheduler = _engine(request)
     _check_model(engine, body)
-    prompt = chat_prompt(engine, body)
+    prompt = await asyncio.to_thread(chat_prompt, engine, body)
     max_tokens = _max_tokens(engine, prompt, body.limit, None)
     job = _Job(scheduler, prompt, body, max_tokens)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),

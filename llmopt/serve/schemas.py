@@ -33,6 +33,19 @@ class _Generation(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    # OpenAI fields some clients send at their neutral values; anything else is refused, not ignored
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Optional[Union[bool, int]] = None
+
+    @field_validator("frequency_penalty", "presence_penalty", "logit_bias", "logprobs")
+    @classmethod
+    def _neutral(cls, v: object, info) -> object:  # noqa: ANN001
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by llmopt serve; omit it"
+                             + (" (or send 0)" if "penalty" in info.field_name else ""))
+        return v
 
     @field_validator("stop")
     @classmethod
