@@ -168,3 +168,20 @@ def test_sigterm_drains_then_exits_0(guarded):
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health")
     assert "draining" in "".join(guarded.stderr)
+
+
+def test_serve_user_errors(cli, serve_engine, tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        r = cli("serve", serve_engine, "--port", busy.getsockname()[1])
+        assert r.code == 1 and "cannot listen on 127.0.0.1" in r.err and "Traceback" not in r.err
+    finally:
+        busy.close()
+    r = cli("serve", tmp_path / "missing", "--port", "0")
+    assert r.code == 1 and "no such directory" in r.err
+    r = cli("serve", serve_engine.parent / "onnx", "--port", "0", "--max-batch", "2")
+    assert r.code == 1 and "one sequence at a time" in r.err
