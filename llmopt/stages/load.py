@@ -46,7 +46,8 @@ def run(config: LoadConfig, inputs: list[Artifact], out: Path, progress: Progres
         copied = []
         if tok_dir is not None:
             for name in loader.TOKENIZER_FILES:
-                if (tok_dir / name).exists() and not (out / name).exists():
+                # the source's generation_config.json (every eos id) wins over the one save_pretrained wrote
+                if (tok_dir / name).exists() and (name == "generation_config.json" or not (out / name).exists()):
                     shutil.copy2(tok_dir / name, out / name)
                     copied.append(name)
     cfg = model.config
