@@ -9,7 +9,7 @@ holds ``past[i]`` tokens, and return the logits of each row's last new token.
   of the contiguous rows it steps (zero-copy: ONNX Runtime reads and writes the numpy memory). A prompt
   is prefilled into its own slot (in chunks) while the other slots keep their cache; a decode step runs
   rows 0..n-1 together, each at its own length (GroupQueryAttention derives each row's position from
-  its ``seqlens_k``).
+  its length, which the graph reads from ``attention_mask``'s row sums).
 * ``SingleSlot`` serves any other session (standard-attention ONNX, TensorRT, PyTorch) through the
   ``DecoderSession`` prefill/decode interface: one sequence at a time, so ``max_batch`` is 1.
 """
@@ -99,8 +99,10 @@ class GqaSlots(Slots):
 
 
 def gqa_feeds(total: np.ndarray) -> dict[str, np.ndarray]:
-    """The GroupQueryAttention graph's length inputs for rows holding ``total[i]`` tokens after the call."""
-    return {"seqlens_k": (total - 1).astype(np.int32), "total_sequence_length": np.array([total.max()], np.int32)}
+    """The GroupQueryAttention graph's length input for rows holding ``total[i]`` tokens after the call:
+    ``attention_mask`` as ONNX Runtime GenAI feeds it (row sum = the row's total, width = the longest);
+    the graph derives seqlens_k / total_sequence_length from it."""
+    return {"attention_mask": (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)}
 
 
 class SingleSlot(Slots):
