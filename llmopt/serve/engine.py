@@ -1,4 +1,5 @@
-"""What `serve` loads once: the artifact's session behind KV slots, its tokenizer, eos ids and limits."""
+"""What `serve` loads once: the artifact's session behind KV slots and its assets (tokenizer, chat
+template, eos ids, sampling defaults: ``llmopt.runtime.assets``, the same answer `generate` gets)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.artifact import open_artifact
-from llmopt.runtime import assets
+from llmopt.runtime import assets as A
+from llmopt.runtime.sampling import SamplingParams
 from llmopt.serve.slots import GqaSlots, Slots, open_slots
 
 
@@ -17,8 +19,19 @@ class ServedEngine:
     path: Path
     backend: str
     slots: Slots
-    tokenizer: Any
-    eos_ids: list[int]
+    assets: A.Assets
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.assets.tokenizer
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return self.assets.eos_ids
+
+    @property
+    def sampling_defaults(self) -> SamplingParams:
+        return self.assets.sampling_defaults()
 
     @property
     def capacity(self) -> int:
@@ -34,7 +47,7 @@ class ServedEngine:
 
     @property
     def chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return bool(self.assets.chat_template)
 
 
 def open_engine(path: Path, max_batch: int | None = None, threads: int | None = None, chunk: int = 256,
@@ -42,9 +55,8 @@ def open_engine(path: Path, max_batch: int | None = None, threads: int | None = 
     from llmopt.runtime.open import backend_of, open_session
 
     art = open_artifact(path, ("engine", "onnx", "checkpoint"))
-    found = assets.find(art)  # the engine's own tokenizer / generation config, else its lineage's
-    tokenizer = found.tokenizer
+    assets = A.find(art)
     envelope = art.manifest.get("config", {}).get("envelope") or {}
     session = open_session(art, threads=threads)
     slots = open_slots(session, max_batch, envelope, chunk=chunk)
-    return ServedEngine(name or art.path.name, art.path, backend_of(art), slots, tokenizer, found.eos_ids)
+    return ServedEngine(name or art.path.name, art.path, backend_of(art), slots, assets)
