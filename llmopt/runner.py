@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from llmopt import faults
+
 from llmopt.artifact import (Artifact, cache_key, commit, file_table, lineage, load_manifest, new_manifest,
                              problems_of, staging_dir, sweep_stale, write_manifest)
 from llmopt.errors import UserError
@@ -115,11 +117,14 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
     sweep_stale(out)
     started = time.time()
     with staging_dir(out) as tmp:
+        faults.point(stage.name, "staged")
         metadata = stage.run(config, inputs, tmp, progress)
+        faults.point(stage.name, "ran")
         manifest = new_manifest(stage=stage.name, kind=stage.kind, key=key, inputs=inputs, config=resolved,
                                 metadata=metadata, directory=tmp, started=started, finished=time.time())
         write_manifest(tmp, manifest)
-        commit(tmp, out)
+        faults.point(stage.name, "manifest")
+        commit(tmp, out, on_swap=lambda: faults.point(stage.name, "swapped"))
     log(f"[green]✓[/] {stage.name}: wrote {out} in {manifest['duration_s']:.1f}s")
     return StageRun(Artifact(out, manifest), reused=False)
 

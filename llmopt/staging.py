@@ -15,7 +15,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llmopt.errors import UserError
 
@@ -77,12 +77,13 @@ def staging_dir(out: Path) -> Iterator[Path]:
             os.close(fd)
 
 
-def commit(staging: Path, out: Path) -> None:
+def commit(staging: Path, out: Path, on_swap: Callable[[], None] = lambda: None) -> None:
     """Move a finished staging directory into place, replacing ``out`` (an llmopt artifact) if it exists."""
     trash = None
     if out.exists():
         trash = out.parent / f"{out.name}{TRASH_TAG}{secrets.token_hex(4)}"
         os.replace(out, trash)
+        on_swap()
     try:
         os.replace(staging, out)
     except OSError as exc:
