@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[cpu,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[cpu,serve,dev]'
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -333,6 +333,46 @@ def bench_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or check
     emit(report, as_json)
 
 
+@app.command("serve")
+def serve_cmd(engine: Annotated[Path, typer.Argument(help="Engine (or ONNX / checkpoint) artifact directory.")],
+              host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
+              port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, reported when ready).")] = 8000,
+              max_batch: Annotated[Optional[int], typer.Option(min=1, help="Sequences decoded together (default: the envelope's batch max).")] = None,
+              max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for a slot before 429.")] = 64,
+              api_key: Annotated[Optional[str], typer.Option(envvar="LLMOPT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+              model_name: Annotated[Optional[str], typer.Option(help="Model id in the API (default: the engine directory name).")] = None,
+              prefill_chunk: Annotated[int, typer.Option(min=16, help="Prompt tokens prefilled per scheduler step.")] = 256,
+              threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: physical cores).")] = None,
+              drain_timeout: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for in-flight requests.")] = 60.0,
+              as_json: JsonOpt = False) -> None:
+    """OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching."""
+    try:
+        from llmopt.serve.server import bind, serve
+    except ImportError as exc:
+        raise UserError(f"serving needs {exc.name}", "pip install 'llmopt[serve]'") from None
+    from llmopt.serve.engine import open_engine
+
+    _quiet_libraries()
+    sock = bind(host, port)
+    eng = open_engine(engine, max_batch=max_batch, threads=threads, chunk=prefill_chunk, name=model_name)
+    bound_host, bound_port = sock.getsockname()[:2]
+    ready = {"event": "ready", "url": f"http://{bound_host}:{bound_port}", "host": bound_host, "port": bound_port,
+             "model": eng.name, "engine": str(eng.path), "backend": eng.backend, "batching": eng.batching,
+             "max_batch": eng.slots.max_batch, "capacity": eng.capacity, "chat_template": eng.chat_template,
+             "api_key": api_key is not None}
+
+    def on_ready() -> None:
+        _log(f"serving [bold]{eng.name}[/] at {ready['url']}/v1 ({eng.batching} batching, max batch "
+             f"{ready['max_batch']}, {eng.capacity} tokens per sequence)")
+        if as_json:  # one line, so a supervisor can read it as soon as the port accepts connections
+            sys.stdout.write(json.dumps(ready) + "\n")
+            sys.stdout.flush()
+
+    serve(eng, sock, api_key=api_key, max_queue=max_queue, drain_timeout=drain_timeout, verbose=STATE["verbose"] > 0,
+          on_ready=on_ready, on_drain=lambda: _log("draining: finishing in-flight requests"))
+    _log("stopped")
+
+
 @app.command("inspect")
 def inspect_cmd(directory: Annotated[Path, typer.Argument(help="Artifact directory.")], as_json: JsonOpt = False) -> None:
     """Show an artifact's manifest, lineage and I/O."""

@@ -33,11 +33,12 @@ from llmopt.ort.graph import MS_DOMAIN, RewriteUnsupported, prune
 from llmopt.ort.kv_cache import calibrate as calibrate_kv
 from llmopt.ort.kv_cache import int8_io, quantize_kv_cache
 from llmopt.ort.kv_cache import rotary_of as kv_rotary_of
-from llmopt.ort.lm_head import LM_HEAD_BLOCK, lm_head_node, pack_nbits, quantize_lm_head, rtn_blockwise
+from llmopt.ort.lm_head import LM_HEAD_BLOCK, fuse_tied_lm_head, lm_head_node, pack_nbits, quantize_lm_head, rtn_blockwise
+from llmopt.ort.store import TensorStore, relocate
 from llmopt.ort.norms import fuse_skip_rmsnorm
 from llmopt.ort.packing import pack_matmuls
 
 __all__ = ["CAPACITY_DIM", "LM_HEAD_BLOCK", "MS_DOMAIN", "SEQLENS_K", "TOTAL_SEQ", "RewriteUnsupported",
-           "calibrate_kv", "find_attention_blocks", "fuse_gqa", "fuse_skip_rmsnorm", "gqa_io", "int8_io",
+           "TensorStore", "calibrate_kv", "find_attention_blocks", "fuse_tied_lm_head", "fuse_gqa", "fuse_skip_rmsnorm", "gqa_io", "int8_io",
            "kv_rotary_of", "lm_head_node", "pack_matmuls", "pack_nbits", "prune", "quantize_kv_cache",
-           "quantize_lm_head", "rotary_tables", "rtn_blockwise"]
+           "quantize_lm_head", "relocate", "rotary_tables", "rtn_blockwise"]

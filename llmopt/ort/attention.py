@@ -9,6 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.ort.graph import MS_DOMAIN, RewriteUnsupported, _attr, _Index, _opset, prune
+from llmopt.ort.store import IN_MEMORY, TensorStore
 
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQ = "total_sequence_length"
@@ -149,7 +150,7 @@ def _slice_model(model: onnx.ModelProto, outputs: list[str], allowed_inputs: set
 
 
 def rotary_tables(model: onnx.ModelProto, cos: str, sin: str, positions_input: str | None, capacity: int,
-                  dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+                  dtype: str = "float32", store: TensorStore = IN_MEMORY) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [capacity, rotary_dim/2] as the export computes them for positions 0..capacity-1."""
     import onnxruntime as ort
 
@@ -159,7 +160,7 @@ def rotary_tables(model: onnx.ModelProto, cos: str, sin: str, positions_input: s
         for name in (cos, sin):
             if name not in ix.inits:
                 raise RewriteUnsupported("rotary cache with position_ids is not an initializer")
-            arr = numpy_helper.to_array(ix.inits[name])
+            arr = store.array(ix.inits[name])
             if arr.shape[0] < capacity:
                 raise RewriteUnsupported(f"rotary cache has {arr.shape[0]} positions < kv capacity {capacity}")
             tabs.append(np.ascontiguousarray(arr[:capacity]))
@@ -184,7 +185,8 @@ def _set_seq_dim(value: onnx.ValueInfoProto, dim_name: str) -> None:
 
 
 
-def fuse_gqa(model: onnx.ModelProto, io: dict, capacity: int, local_window: int | None = None) -> dict:
+def fuse_gqa(model: onnx.ModelProto, io: dict, capacity: int, local_window: int | None = None,
+             store: TensorStore = IN_MEMORY) -> dict:
     """Rewrite every attention block into GroupQueryAttention over a shared KV buffer, in place.
 
     Returns a summary. Raises RewriteUnsupported when the structure is not recognized; the model may then
@@ -205,7 +207,7 @@ def fuse_gqa(model: onnx.ModelProto, io: dict, capacity: int, local_window: int 
         if b.cos is None:
             names.append(("", ""))
             continue
-        c, s = rotary_tables(model, b.cos, b.sin, b.rotary_positions, capacity, dtype)
+        c, s = rotary_tables(model, b.cos, b.sin, b.rotary_positions, capacity, dtype, store)
         if c.shape[1] % 8 or 2 * c.shape[1] > io["head_dim"]:
             raise RewriteUnsupported(f"rotary dim {2 * c.shape[1]} unsupported by GroupQueryAttention")
         for cname, sname, c0, s0 in tables:
@@ -242,7 +244,7 @@ def fuse_gqa(model: onnx.ModelProto, io: dict, capacity: int, local_window: int 
     del g.node[:]
     g.node.extend(nodes)
     for cname, sname, c, s in tables:
-        g.initializer.extend([numpy_helper.from_array(c, cname), numpy_helper.from_array(s, sname)])
+        g.initializer.extend([store.tensor(c, cname), store.tensor(s, sname)])
     g.input.extend([helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
                     helper.make_tensor_value_info(TOTAL_SEQ, TensorProto.INT32, [1])])
     pruned = prune(g)

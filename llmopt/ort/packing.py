@@ -9,6 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.ort.graph import _Index, prune
+from llmopt.ort.store import IN_MEMORY, TensorStore
 
 
 def _weight_of(ix: _Index, name: str):  # noqa: ANN202
@@ -39,7 +40,7 @@ def _signature(kind: str, parts: tuple) -> tuple:
             tuple(sorted((k, str(v)) for k, v in attrs.items())), len(scale.dims))
 
 
-def pack_matmuls(model: onnx.ModelProto) -> dict:
+def pack_matmuls(model: onnx.ModelProto, store: TensorStore = IN_MEMORY) -> dict:
     """Sibling MatMuls reading the same activation with like weights (q/k/v, gate/up) become one MatMul over
     the concatenated weight (float, or DequantizeLinear block-wise along K / per output channel), then a Split.
     A GroupQueryAttention fed by exactly (q, k, v) takes the packed output directly (packed QKV, no Split)."""
@@ -63,9 +64,9 @@ def pack_matmuls(model: onnx.ModelProto) -> dict:
         nodes = [m[0] for m in members]
         base = f"{nodes[0].name or nodes[0].output[0]}.packed"
         if kind == "float":
-            arrays = [numpy_helper.to_array(m[1][1][0]) for m in members]
+            arrays = [store.array(m[1][1][0]) for m in members]
             widths = [a.shape[1] for a in arrays]
-            new_inits.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{base}.weight"))
+            new_inits.append(store.tensor(np.concatenate(arrays, axis=1), f"{base}.weight"))
             weight = new_inits[-1].name
             extra = []
         else:
@@ -73,15 +74,14 @@ def pack_matmuls(model: onnx.ModelProto) -> dict:
             axis = 1 if (attrs.get("axis", 1) in (1, -1) and "block_size" not in attrs) else 0
             if axis != 1 and attrs.get("axis", 1) not in (0, -2):
                 continue
-            qs = [numpy_helper.to_array(m[1][1][0]) for m in members]
+            qs = [store.array(m[1][1][0]) for m in members]
             widths = [a.shape[1] for a in qs]
             cat = 0 if len(s0.dims) == 1 else 1
-            ss = np.concatenate([numpy_helper.to_array(m[1][1][1]) for m in members], axis=cat)
-            inits = [numpy_helper.from_array(np.concatenate(qs, axis=1), f"{base}.qweight"),
-                     numpy_helper.from_array(ss, f"{base}.scales")]
+            ss = np.concatenate([store.array(m[1][1][1]) for m in members], axis=cat)
+            inits = [store.tensor(np.concatenate(qs, axis=1), f"{base}.qweight"), store.tensor(ss, f"{base}.scales")]
             if z0 is not None:
-                zs = np.concatenate([numpy_helper.to_array(m[1][1][2]) for m in members], axis=cat)
-                inits.append(numpy_helper.from_array(zs, f"{base}.zeros"))
+                zs = np.concatenate([store.array(m[1][1][2]) for m in members], axis=cat)
+                inits.append(store.tensor(zs, f"{base}.zeros"))
             new_inits += inits
             weight = f"{base}.weight_dq"
             extra = [helper.make_node("DequantizeLinear", [i.name for i in inits], [weight], name=f"{base}/DequantizeLinear",

@@ -11,6 +11,7 @@ artifact itself is untouched.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from llmopt.runtime.ort_session import default_threads, make_session
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 REWRITTEN = "rewritten.onnx"  # intermediate, removed once the optimized model is saved
+SOURCE_DATA = "source.onnx.data"  # the export's external data, linked beside the intermediate graph
 
 
 def session_settings(config: BuildConfig, io: dict) -> dict:
@@ -74,14 +76,30 @@ def _sliding_window(onnx_art: Artifact) -> int | None:
     return cfg.get("sliding_window")
 
 
+def _link_source_data(onnx_art: Artifact, out: Path) -> None:
+    """Make the export's external data readable beside the rewritten graph (a hard link; a copy across
+    file systems), so untouched initializers are never loaded, only referenced."""
+    src, dst = onnx_art.path / DATA_FILE, out / SOURCE_DATA
+    if not src.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def rewrite_for_ort(onnx_art: Artifact, out: Path, config: BuildConfig, io: dict) -> tuple[Path, dict, dict]:
-    """Apply the ORT-only graph rewrites; returns (model to optimize, its io.json, what was done)."""
+    """Apply the ORT-only graph rewrites; returns (model to optimize, its io.json, what was done).
+
+    The graph is loaded without its weights; rewrites read the initializers they change one at a time and
+    write the ones they make straight to ``rewritten.onnx.data`` (:class:`llmopt.ort.TensorStore`)."""
     import onnx
 
     from llmopt import ort as F
 
     src = onnx_art.path / MODEL_FILE
-    model = onnx.load(str(src), load_external_data=True)
+    model = onnx.load(str(src), load_external_data=False)
+    store = F.TensorStore(base_dir=onnx_art.path, out_file=out / (REWRITTEN + ".data"))
     done: dict = {"attention": "standard"}
     capacity = config.envelope.total_len[2]
     if config.attention != "standard":
@@ -89,25 +107,28 @@ def rewrite_for_ort(onnx_art: Artifact, out: Path, config: BuildConfig, io: dict
         try:
             if window is not None and window < capacity:
                 raise F.RewriteUnsupported(f"sliding-window attention ({window} < KV capacity {capacity})")
-            done = F.fuse_gqa(model, io, capacity)
+            done = F.fuse_gqa(model, io, capacity, store=store)
             io = F.gqa_io(io, capacity)
         except F.RewriteUnsupported as exc:
             if config.attention == "gqa":
                 raise UserError(f"{onnx_art.path}: cannot use GroupQueryAttention: {exc}",
                                 "build with attention: standard (or auto)") from None
-            model = onnx.load(str(src), load_external_data=True)  # the failed rewrite may have edited it
+            model = onnx.load(str(src), load_external_data=False)  # the failed rewrite may have edited it
             done = {"attention": "standard", "gqa_unsupported": str(exc)}
     done["skip_rmsnorm"] = F.fuse_skip_rmsnorm(model)
-    done.update(F.pack_matmuls(model))
+    done.update(F.pack_matmuls(model, store))
     if config.quantize_lm_head != "none":
         try:
             model, done["lm_head"] = F.quantize_lm_head(model, bits=4 if config.quantize_lm_head == "int4" else 8,
-                                                        accuracy_level=config.accuracy_level)
+                                                        accuracy_level=config.accuracy_level, store=store)
         except F.RewriteUnsupported as exc:
             raise UserError(f"{onnx_art.path}: cannot quantize lm_head: {exc}", "build with quantize_lm_head: none") from None
+    else:
+        done["lm_head"] = F.fuse_tied_lm_head(model)
+    _link_source_data(onnx_art, out)
+    F.relocate(model, DATA_FILE, SOURCE_DATA)
     dst = out / REWRITTEN
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=REWRITTEN + ".data", size_threshold=1024)
+    onnx.save_model(model, str(dst))  # the graph only: every large tensor is already in a data file
     return dst, io, done
 
 
@@ -168,8 +189,8 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
             io, rewrite["kv_cache"] = int8_kv_cache(src, io, config, onnx_art, settings["config_entries"], progress)
         with progress.task("optimize graph (ONNX Runtime, offline)"):
             optimize_offline(src, out / MODEL_FILE, config, settings["config_entries"])
-        for f in out.glob(REWRITTEN + "*"):
-            f.unlink()
+        for f in [*out.glob(REWRITTEN + "*"), out / SOURCE_DATA]:
+            f.unlink(missing_ok=True)
     else:  # CUDA kernels fuse at load; the portable graph is kept as is
         settings = session_settings(config, io)
         shutil.copy2(onnx_art.path / MODEL_FILE, out / MODEL_FILE)

@@ -1,22 +1,28 @@
-"""export: checkpoint → ONNX with the KV cache as explicit inputs/outputs and dynamic axes."""
+"""export: checkpoint → ONNX with the KV cache as explicit inputs/outputs and dynamic axes, streamed.
+
+The structure is traced on the meta device (no weights, :mod:`llmopt.export.trace`), the checkpoint's
+tensors are attached lazily (:mod:`llmopt.export.bind`) and written into the external-data file one at a
+time, so the stage holds about one tensor of weights whatever the model size.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
-from typing import Callable
 
 import onnx
+import onnx_ir as ir
 import torch
 
 from llmopt.artifact import Artifact
-from llmopt.export_graph import DecoderWithCache, dynamic_shapes, example_inputs, io_description
-from llmopt.models.loader import DTYPES, load_model
+from llmopt.export.bind import bind_weights, quantize_activations
+from llmopt.export.trace import meta_model, trace
+from llmopt.export.weights import CheckpointTensors
+from llmopt.export.wrapper import io_description
+from llmopt.models.loader import DTYPES, read_config
 from llmopt.models.registry import dims_of
 from llmopt.progress import Progress
-from llmopt.quant.format import is_quantized
+from llmopt.quant.format import is_quantized, read_scheme
 from llmopt.recipe import ExportConfig
 from llmopt.stages.base import Stage
 
@@ -24,91 +30,91 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 
-def _name_dims(model: onnx.ModelProto, io: dict) -> None:
+def _name_dims(model: ir.Model, io: dict) -> None:
     """Give every graph input/output the symbolic dim names of io.json (the exporter writes 'past + seq')."""
     spec = {t["name"]: t["shape"] for t in io["inputs"] + io["outputs"]}
-    for value in list(model.graph.input) + list(model.graph.output):
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
         shape = spec.get(value.name)
         if shape is None:
             raise RuntimeError(f"exported graph has unexpected I/O {value.name}")
-        dims = value.type.tensor_type.shape.dim
-        for d, want in zip(dims, shape):
-            if isinstance(want, str):
-                d.ClearField("dim_value")
-                d.dim_param = want
+        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shape])
 
 
-def export_model(model: torch.nn.Module, out: Path, opset: int, dtype: str,
-                 quantization: dict | None = None,
-                 rewrite: Callable[[onnx.ModelProto], dict] | None = None) -> dict:
-    dims = dims_of(model.config)
+def _drop_identity_reshapes(model: ir.Model) -> int:
+    """Remove Reshapes whose input and output have the same fully named shape (the meta-device trace keeps
+    transformers' ``reshape(batch, -1, q_len, head_dim)`` after attention, which a real-tensor trace drops)."""
+    dropped = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if x is None or x.shape is None or y.shape is None or y.is_graph_output():
+            continue
+        dims_x, dims_y = list(x.shape), list(y.shape)
+        known = all(isinstance(d, int) or (isinstance(d, ir.SymbolicDim) and d.value) for d in dims_x)
+        if known and [str(d) for d in dims_x] == [str(d) for d in dims_y]:
+            ir.convenience.replace_all_uses_with(y, x)
+            model.graph.remove(node, safe=True)
+            dropped += 1
+    return dropped
+
+
+def _optimize(model: ir.Model) -> None:
+    """Constant folding and the fusions the exporter's optimizer applies (RMSNormalization, RotaryEmbedding);
+    it folds only small constants, so the lazy weights stay unread."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(model)  # what torch.onnx.export(optimize=True) runs
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+    if _drop_identity_reshapes(model):
+        onnxscript.optimizer.optimize_ir(model)  # drops the shape computations that fed them
+
+
+def export_checkpoint(path: Path, out: Path, opset: int, dtype: str, progress: Progress) -> dict:
+    config, spec = read_config(path)
+    tensors = CheckpointTensors(path)
+    scheme = read_scheme(path) if is_quantized(path) else None
+    quantization = None if scheme is None else {k: scheme.get(k) for k in
+                                                ("method", "bits", "group_size", "symmetric", "activations")}
+    dims = dims_of(config)
     io = io_description(dims, dtype, opset, quantization)
-    wrapper = DecoderWithCache(model).eval()
-    args = example_inputs(dims, DTYPES[dtype])
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(
-            wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes(dims),
-            input_names=[t["name"] for t in io["inputs"]], output_names=[t["name"] for t in io["outputs"]],
-            verbose=False, report=False, optimize=True)
-    tmp = out / "raw.onnx"
-    program.save(str(tmp), external_data=True)
-    proto = onnx.load(str(tmp), load_external_data=True)
-    _name_dims(proto, io)
-    if rewrite is not None:
-        io["rewrite"] = rewrite(proto)
-    proto.producer_name = "llmopt"
-    onnx.save_model(proto, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
-    tmp.unlink()
-    for leftover in out.glob("raw.onnx*"):
-        leftover.unlink()
+    model = meta_model(config, spec, DTYPES[dtype])
+    with progress.task(f"trace the graph (opset {opset}, {dtype}, no weights)"):
+        graph = trace(model, opset, DTYPES[dtype], [t["name"] for t in io["inputs"]],
+                      [t["name"] for t in io["outputs"]])
+    bound = bind_weights(graph, model, tensors, scheme)
+    del model
+    _optimize(graph)
+    bound["activation_qdq"] = quantize_activations(graph, tensors, scheme)
+    _name_dims(graph, io)
+    graph.producer_name = "llmopt"
+    if scheme is not None:
+        io["rewrite"] = {k: bound[k] for k in ("quantized_matmuls", "activation_qdq")}
+    n = len(graph.graph.initializers)
+    with progress.task("write initializers (one tensor at a time)", total=n) as advance:
+        ir.save(graph, out / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=1024,
+                callback=lambda tensor, info: advance())
     onnx.checker.check_model(str(out / MODEL_FILE), full_check=False)
     (out / "io.json").write_text(json.dumps(io, indent=2))
-    return io
-
-
-def _quantized(path: Path, dtype: str) -> tuple[torch.nn.Module, dict, Callable]:
-    """The dequantized model to trace, the scheme for io.json, and the QDQ rewrite of its weights."""
-    from llmopt.export_quant import QWeight, rewrite_qdq
-    from llmopt.quant.format import load_activation_qparams, load_dequantized, load_qtensors, read_scheme
-
-    scheme = read_scheme(path)
-    model = load_dequantized(path, activations=False).to(DTYPES[dtype]).eval()
-    acts = load_activation_qparams(path)
-    weights = {}
-    for name, qt in load_qtensors(path).items():
-        w = model.get_submodule(name).weight.detach()
-        deq = w.t() if scheme["modules"][name].get("conv1d") else w
-        act = acts.get(name, {})
-        weights[name] = QWeight(
-            q=qt.q.numpy(), scale=qt.scale.numpy(), zero_point=None if qt.zero_point is None else qt.zero_point.numpy(),
-            bits=qt.bits, group_size=qt.group_size, dequantized=deq.numpy(),
-            input_scale=act.get("scale"), input_zero_point=act.get("zero_point"), input_dtype=act.get("dtype", "uint8"))
-    summary = {k: scheme.get(k) for k in ("method", "bits", "group_size", "symmetric", "activations")}
-    return model, summary, lambda proto: rewrite_qdq(proto, weights, dtype)
+    return {"io": io, "bound": bound}
 
 
 def run(config: ExportConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     ckpt = inputs[0]
-    quantization, rewrite = None, None
-    with progress.task("read checkpoint"):
-        if is_quantized(ckpt.path):
-            model, quantization, rewrite = _quantized(ckpt.path, config.dtype)
-        else:
-            model, _ = load_model(ckpt.path, config.dtype)
-    with progress.task(f"export ONNX (opset {config.opset}, {config.dtype})"):
-        io = export_model(model, out, config.opset, config.dtype, quantization, rewrite)
+    with torch.no_grad():
+        done = export_checkpoint(ckpt.path, out, config.opset, config.dtype, progress)
+    io, bound = done["io"], done["bound"]
     graph = onnx.load(str(out / MODEL_FILE), load_external_data=False)
     ops: dict[str, int] = {}
     for node in graph.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"opset": config.opset, "dtype": config.dtype, "nodes": len(graph.graph.node),
             "op_types": dict(sorted(ops.items())), "num_layers": io["num_layers"],
-            "architecture": ckpt.metadata.get("architecture"), "quantization": quantization,
-            "rewrite": io.get("rewrite")}
+            "architecture": ckpt.metadata.get("architecture"), "quantization": io["quantization"],
+            "rewrite": io.get("rewrite"), "shared_initializers": bound["shared"],
+            "transposed_weights": bound["transposed"]}
 
 
-STAGE = Stage(name="export", kind="onnx", version=1, config_model=ExportConfig, run=run,
+STAGE = Stage(name="export", kind="onnx", version=2, config_model=ExportConfig, run=run,
               input_kinds=("checkpoint",), packages=("torch", "transformers", "onnx", "onnxscript", "onnx-ir"))

@@ -1,0 +1,68 @@
+"""Trace a decoder's structure into ONNX without its weights.
+
+The model is built on the ``meta`` device (shapes and dtypes, no storage), wrapped in
+:class:`DecoderWithCache` and exported by ``torch.onnx.export(..., dynamo=True)``: torch.export traces
+with fake tensors, so no weight is ever materialized. The result is an onnx-ir model whose initializers
+carry the parameter names (``model.<state dict key>``) and no data; :mod:`llmopt.export.bind` attaches
+the data afterwards, lazily, from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import onnx_ir as ir
+import torch
+import transformers
+
+from llmopt.export.wrapper import DecoderWithCache, dynamic_shapes, example_inputs
+from llmopt.models.registry import ArchSpec, dims_of
+
+PREFIX = "model."  # the wrapper's attribute: traced names are "model." + the checkpoint's state-dict key
+
+
+def meta_model(config: Any, spec: ArchSpec, dtype: torch.dtype) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = getattr(transformers, spec.model_class)(config)
+    return model.to(dtype).eval()
+
+
+def real_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Values of the non-persistent buffers (rotary ``inv_freq``), which no checkpoint holds: each module
+    that has them is rebuilt on the CPU from the model config (they are computed from it)."""
+    out: dict[str, torch.Tensor] = {}
+    for mname, module in model.named_modules():
+        names = sorted(module._non_persistent_buffers_set)
+        if not names:
+            continue
+        if not hasattr(module, "config"):
+            raise RuntimeError(f"{type(module).__name__} at {mname!r} has computed buffers {names} and no config "
+                               "to rebuild them from")
+        real = type(module)(module.config)
+        for b in names:
+            out[f"{mname}.{b}" if mname else b] = getattr(real, b).detach()
+    return out
+
+
+def aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """state-dict key → every key naming the same parameter (tied embeddings: lm_head.weight ↔ embed)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: names for names in groups.values() for n in names}
+
+
+def trace(model: torch.nn.Module, opset: int, dtype: torch.dtype, input_names: list[str],
+          output_names: list[str]) -> ir.Model:
+    dims = dims_of(model.config)
+    args = tuple(a.to("meta") for a in example_inputs(dims, dtype))
+    wrapper = DecoderWithCache(model).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes(dims),
+            input_names=input_names, output_names=output_names, verbose=False, report=False, optimize=False)
+    return program.model
