@@ -82,9 +82,12 @@ def load_cmd(source: Annotated[str, typer.Argument(help="Local HF checkpoint dir
     from llmopt.runner import run_stage
     from llmopt.stages import load
 
+    from llmopt.preflight import check_source
+
     _quiet_libraries()
     if not source.startswith("preset:"):
         source = str(Path(source).resolve())
+        check_source(Path(source))
     cfg = validated(LoadConfig, {"source": source, "dtype": dtype}, "load")
     run = run_stage(load.STAGE, cfg, [], output, force=force, progress=_progress(), log=_log)
     emit(_stage_result(run), as_json)
@@ -291,6 +294,10 @@ def generate_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or ch
     from llmopt.runtime.open import open_session
 
     _quiet_libraries()
+    if any(not p.strip() for p in prompt):
+        raise UserError("--prompt is empty", "give the text the model should continue, e.g. --prompt 'The file'")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     art = open_artifact(engine)
     ckpt = next((a for a in lineage(art) if a.kind == "checkpoint"), None)
     tok = load_tokenizer(ckpt.path) if ckpt else None

@@ -75,6 +75,7 @@ def _backend(recipe: Recipe) -> None:
 def preflight(recipe: Recipe, workdir: Path, stages: list[str]) -> None:
     source = recipe.model.source
     if not source.startswith("preset:"):
+        check_source(Path(source))
         rel = overlap(Path(workdir).resolve(), Path(source).resolve())
         if rel in ("is", "is inside"):
             raise UserError(f"{workdir}: work directory {rel} the model source {source}",
@@ -90,3 +91,60 @@ def preflight(recipe: Recipe, workdir: Path, stages: list[str]) -> None:
     if "validate" in stages:
         _file("validate.eval_text", recipe.validate_.eval_text)
     _backend(recipe)
+
+
+# config.json fields that must be positive integers when present (names as the HF configs spell them)
+POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "vocab_size", "max_position_embeddings", "head_dim", "n_embd", "n_layer", "n_head", "n_positions",
+                 "n_inner")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_source(src: Path) -> None:
+    """A local checkpoint directory is readable before anything is loaded: config.json an object with sane
+    sizes, a shard index whose names stay inside the directory, a tokenizer that parses without remote code."""
+    from llmopt.paths import safe_join
+    from llmopt.readers import read_json
+
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"{src}: no such checkpoint directory", "pass a local HF checkpoint dir or preset:NAME")
+    cfg_path = src / "config.json"
+    raw = read_json(cfg_path, "config.json")
+    for key in POSITIVE_INTS:
+        v = raw.get(key)
+        if key in raw and v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise UserError(f"{cfg_path}: {key} must be a positive integer, not {v!r}", "fix or re-download config.json")
+    heads, hidden = raw.get("num_attention_heads", raw.get("n_head")), raw.get("hidden_size", raw.get("n_embd"))
+    if isinstance(heads, int) and isinstance(hidden, int) and "head_dim" not in raw and hidden % heads:
+        raise UserError(f"{cfg_path}: hidden size {hidden} is not divisible by {heads} attention heads")
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        data = read_json(index, "safetensors index")
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: weight_map must map tensor names to shard file names")
+        for shard in set(weight_map.values()):
+            safe_join(src, shard, "shard")
+    _check_tokenizer(src)
+
+
+def _check_tokenizer(src: Path) -> None:
+    from llmopt.readers import read_json
+
+    cfg = src / "tokenizer_config.json"
+    if cfg.exists():
+        tc = read_json(cfg, "tokenizer_config.json")
+        if tc.get("auto_map"):
+            raise UserError(f"{cfg}: the tokenizer needs remote code (auto_map), which llmopt never runs",
+                            "use a checkpoint whose tokenizer transformers implements (tokenizer.json)")
+    if not any((src / f).exists() for f in TOKENIZER_MARKERS):
+        return
+    import transformers
+
+    try:
+        transformers.AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - the boundary: whatever the tokenizer libraries raise on a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{src}: the tokenizer files cannot be loaded ({type(exc).__name__}: {first})",
+                        "fix or re-download tokenizer.json / tokenizer_config.json") from None

@@ -235,20 +235,26 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_DEPTH = 16
 
 
-def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
-    """Nesting depth of parsed YAML, stopping at ``limit`` (aliases cannot make it loop: a cycle is deep)."""
+MAX_NODES = 100_000
+
+
+def _too_complex(value: Any) -> str | None:
+    """Why parsed YAML is not a plausible recipe: nested deeper than MAX_DEPTH, or more than MAX_NODES values
+    once aliases are expanded (an alias bomb expands to billions); None when it is fine."""
     stack = [(value, 1)]
-    deepest = 0
+    seen = 0
     while stack:
         v, d = stack.pop()
-        deepest = max(deepest, d)
-        if deepest > limit:
-            return deepest
+        seen += 1
+        if d > MAX_DEPTH:
+            return f"nested too deeply (a recipe has at most {MAX_DEPTH} levels)"
+        if seen > MAX_NODES:
+            return f"too many values ({MAX_NODES}+ once YAML aliases are expanded)"
         if isinstance(v, dict):
             stack += [(x, d + 1) for x in v.values()]
         elif isinstance(v, list):
             stack += [(x, d + 1) for x in v]
-    return deepest
+    return None
 
 
 def read_recipe_text(path: Path) -> str:
@@ -278,8 +284,9 @@ def parse_recipe_yaml(text: str, source: str) -> dict:
         raise UserError(f"{source}: nested too deeply (a recipe has at most {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping with sections {', '.join(('name', 'model') + STAGES[1:])}")
-    if _depth(data) > MAX_DEPTH:
-        raise UserError(f"{source}: nested too deeply (a recipe has at most {MAX_DEPTH} levels)")
+    why = _too_complex(data)
+    if why:
+        raise UserError(f"{source}: {why}")
     if any(not isinstance(k, str) for k in data):
         raise UserError(f"{source}: section names must be strings")
     return data

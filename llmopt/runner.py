@@ -17,6 +17,7 @@ from llmopt.errors import UserError
 from llmopt.integrity import content_files
 from llmopt.models import presets
 from llmopt.paths import check_output
+from llmopt.readers import reading
 from llmopt.progress import SILENT, Progress
 from llmopt.stages.base import Stage
 
@@ -95,6 +96,11 @@ def existing_output(out: Path) -> dict | None:
     return manifest
 
 
+def _read_from(config: BaseModel, inputs: list[Artifact]) -> Path | str:
+    """What a stage reads (for messages): its first input artifact, else its source."""
+    return inputs[0].path if inputs else getattr(config, "source", "input")
+
+
 def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path, *, force: bool = False,
               progress: Progress = SILENT, log: Log = lambda m: None) -> StageRun:
     for art in inputs[:1]:
@@ -118,7 +124,8 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
     started = time.time()
     with staging_dir(out) as tmp:
         faults.point(stage.name, "staged")
-        metadata = stage.run(config, inputs, tmp, progress)
+        with reading(_read_from(config, inputs), "input" if inputs else "source"):
+            metadata = stage.run(config, inputs, tmp, progress)
         faults.point(stage.name, "ran")
         manifest = new_manifest(stage=stage.name, kind=stage.kind, key=key, inputs=inputs, config=resolved,
                                 metadata=metadata, directory=tmp, started=started, finished=time.time())
