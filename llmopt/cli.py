@@ -191,6 +191,9 @@ def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONN
                                   "hardware_compat": hardware_compat, "version_compatible": version_compatible,
                                   "envelope": env}, "build")
     src = open_artifact(onnx_dir, ("onnx",))
+    from llmopt.preflight import check_envelope_against_lineage
+
+    check_envelope_against_lineage(cfg.envelope.total_len[2], src)
     run = run_stage(build.STAGE, cfg, [src], output, force=force, progress=_progress(), log=_log)
     emit(_stage_result(run), as_json)
 

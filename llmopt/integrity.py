@@ -10,7 +10,9 @@ sha256 of a file is cached in the artifact's ``.llmopt-verified.json`` together 
 hide one, changes its ctime, which the kernel sets and user code cannot; a copy to another directory
 or machine gets new inodes. Either way the cache entry no longer matches and the file is hashed again.
 The cache is written at commit (the hashes the manifest was made from) and after a full check; a
-read-only artifact is simply hashed on every read. ``llmopt verify`` ignores the cache.
+read-only artifact is simply hashed on every read. ``llmopt verify`` ignores the cache. A file changed
+less than 2 s before a read is hashed but not cached (a second write in the same timestamp tick would not
+move its ctime); at commit the files are llmopt's own, written under the staging lock.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
 VERIFIED = ".llmopt-verified.json"
+# a file changed less than this before it was hashed could change again within the same (coarse, ~ms)
+# timestamp tick without moving its ctime: such a hash is not cached (git's "racy" rule)
+RACY_NS = 2_000_000_000
 NOT_CONTENT = {MANIFEST, VERIFIED, f".{MANIFEST}.tmp", f"{VERIFIED}.tmp"}
-CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
@@ -57,16 +63,24 @@ def content_files(directory: Path) -> list[str]:
     return names
 
 
+def hash_many(paths: list[Path]) -> list[str]:
+    """sha256 of each file; several files hash on several cores (hashlib releases the GIL)."""
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def hash_table(directory: Path) -> tuple[dict, dict]:
     """The manifest's file table for ``directory`` and the matching hash-cache entries."""
+    names = content_files(directory)
+    before = [os.lstat(directory / n) for n in names]
+    digests = hash_many([directory / n for n in names])
     files, cache = {}, {}
-    for name in content_files(directory):
-        p = directory / name
-        before = os.lstat(p)
-        digest = sha256_file(p)
-        files[name] = {"sha256": digest, "bytes": before.st_size}
-        if fingerprint(os.lstat(p)) == fingerprint(before):
-            cache[name] = {"fp": fingerprint(before), "sha256": digest}
+    for name, st, digest in zip(names, before, digests):
+        files[name] = {"sha256": digest, "bytes": st.st_size}
+        if fingerprint(os.lstat(directory / name)) == fingerprint(st):
+            cache[name] = {"fp": fingerprint(st), "sha256": digest}
     return files, cache
 
 
@@ -104,6 +118,7 @@ def check_files(directory: Path, table: dict, *, use_cache: bool = True) -> list
     problems: list[Problem] = []
     cache = _read_cache(directory) if use_cache else {}
     fresh: dict = {}
+    todo: list[tuple[str, list[int], object]] = []
     if not isinstance(table, dict):
         return [Problem(MANIFEST, "file table is not a mapping")]
     for name, info in table.items():
@@ -126,12 +141,12 @@ def check_files(directory: Path, table: dict, *, use_cache: bool = True) -> list
         hit = cache.get(name)
         if isinstance(hit, dict) and hit.get("fp") == fp and hit.get("sha256") == info.get("sha256"):
             fresh[name] = hit
-            continue
-        digest = sha256_file(p)
-        if digest != info.get("sha256"):
+        else:
+            todo.append((name, fp, info.get("sha256")))
+    for (name, fp, want), digest in zip(todo, hash_many([directory / t[0] for t in todo])):
+        if digest != want:
             problems.append(Problem(name, "sha256 differs from the manifest (changed after it was written)"))
-            continue
-        if fingerprint(os.lstat(p)) == fp:
+        elif fingerprint(os.lstat(directory / name)) == fp and time.time_ns() - fp[4] > RACY_NS:
             fresh[name] = {"fp": fp, "sha256": digest}
     listed = set(table)
     problems += [Problem(n, "not in the manifest's file table") for n in content_files(directory) if n not in listed]

@@ -40,6 +40,8 @@ def _max_positions(source: str) -> int | None:
             raise UserError(f"recipe model.source: unknown preset {name!r}", f"available: {presets.preset_names()}")
     else:
         src = Path(source)
+        if _is_gguf(src):
+            return None
         if not src.is_dir():
             raise UserError(f"recipe model.source: {src} is not a directory", "point it at a local Hugging Face "
                             "checkpoint directory (config.json + *.safetensors) or preset:NAME")
@@ -52,10 +54,35 @@ def _max_positions(source: str) -> int | None:
             raise UserError(f"{src / 'config.json'}: cannot be read as JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe model.source: {source}: config.json is not a JSON object")
+    return _positions(raw)
+
+
+def _positions(raw: dict) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         if isinstance(raw.get(key), int) and raw[key] > 0:
             return raw[key]
     return None
+
+
+def check_envelope_against_lineage(total_max: int, artifact, field: str = "--total-len") -> None:  # noqa: ANN001
+    """The envelope's longest sequence fits the positions of the checkpoint the artifact came from."""
+    from llmopt.artifact import lineage
+    from llmopt.readers import read_json
+
+    ckpt = next((a for a in lineage(artifact) if a.kind == "checkpoint"), None)
+    if ckpt is None or not (ckpt.path / "config.json").is_file():
+        return
+    max_pos = _positions(read_json(ckpt.path / "config.json", "config.json"))
+    if max_pos is not None and total_max > max_pos:
+        raise UserError(f"{field} max {total_max} exceeds the model's {max_pos} positions",
+                        f"use a total length of at most {max_pos}")
+
+
+def _is_gguf(src: Path) -> bool:
+    """A .gguf file, or a directory holding .gguf files and no config.json (the GGUF loader's sources)."""
+    if src.is_file():
+        return src.suffix == ".gguf"
+    return src.is_dir() and not (src / "config.json").exists() and any(src.glob("*.gguf"))
 
 
 def _backend(recipe: Recipe) -> None:
@@ -107,6 +134,8 @@ def check_source(src: Path) -> None:
     from llmopt.readers import read_json
 
     src = Path(src)
+    if _is_gguf(src):
+        return  # read by the GGUF loader, which checks its own format
     if not src.is_dir():
         raise UserError(f"{src}: no such checkpoint directory", "pass a local HF checkpoint dir or preset:NAME")
     cfg_path = src / "config.json"

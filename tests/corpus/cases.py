@@ -608,3 +608,8 @@ def _(ctx):
 def _(ctx):
     return ["validate", ctx.onnx(), "-o", ctx.out(), "--eval-tokens", "256", "--decode-tokens", "2",
             "--gate", "max_logits_rel_error=1e-15"], {2}
+
+
+@case("cli/build envelope beyond max positions")
+def _(ctx):
+    return ["build", ctx.onnx(), "-o", ctx.out(), "--total-len", "1,64,99999", "--input-len", "1,8,16"], {1}
