@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmopt.errors import UserError
+from llmopt.errors import UserError, environment_error
 
 
 def _first_line(exc: BaseException) -> str:
@@ -56,6 +56,9 @@ def reading(path: Path, what: str, hint: str | None = None) -> Iterator[None]:
     try:
         yield
     except parse_errors() as exc:
+        env = environment_error(exc)  # a library's write error for a full disk is not a bad input
+        if env is not None:
+            raise env from None
         raise UserError(f"{path}: {what} cannot be read ({type(exc).__name__}: {_first_line(exc)})",
                         hint or "the file is corrupt or not what llmopt wrote; rebuild or re-download it") from None
 
