@@ -18,12 +18,12 @@ def safe_join(base: Path, name: object, what: str = "file") -> Path:
         raise UserError(f"{base}: {what} name {name!r} is not a plain relative file name")
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts:
-        raise UserError(f"{base}: {what} {name!r} points outside its directory",
+        raise UserError(f"{base}: {what} {name!r} points outside the directory",
                         "a name read from a file must stay inside that file's directory")
     joined = base / pure
     root = base.resolve()
     if not is_within(joined.resolve(), root):
-        raise UserError(f"{base}: {what} {name!r} resolves outside its directory (symbolic link)",
+        raise UserError(f"{base}: {what} {name!r} resolves outside the directory (symbolic link)",
                         "a name read from a file must stay inside that file's directory")
     return joined
 
