@@ -139,6 +139,8 @@ def check_source(src: Path) -> None:
     if not src.is_dir():
         raise UserError(f"{src}: no such checkpoint directory", "pass a local HF checkpoint dir or preset:NAME")
     cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{src}: no config.json", "pass a Hugging Face checkpoint directory or preset:NAME")
     raw = read_json(cfg_path, "config.json")
     for key in POSITIVE_INTS:
         v = raw.get(key)

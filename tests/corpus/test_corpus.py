@@ -21,9 +21,7 @@ from llmopt.workdir import MARKER
 from tests.corpus.cases import CASES, Ctx
 
 PWNED = Path("/tmp/llmopt-corpus-pwned")
-# cases the streaming loader of issue 9a fixes (dtype and config-shape checks in llmopt/models/loader.py)
-PENDING_LOADER = {"hf/int32 tensor where a float weight belongs",
-                  "artifact/checkpoint config.json a list, manifest re-made: export"}
+
 HEADS = ("error:", "validation failed:")
 
 
@@ -62,8 +60,7 @@ def check_clean(code: int, err: str, codes: set, before: dict, after: dict, root
     assert not PWNED.exists(), "code from an input ran"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason="issue 9a's loader", strict=False))
-                                  if n in PENDING_LOADER else n for n in sorted(CASES)])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_case_fails_cleanly(name, cli, tiny_ckpt, tiny_onnx, tmp_path):
     ctx = Ctx(tmp=tmp_path, ckpt_artifact=tiny_ckpt, onnx_artifact=tiny_onnx)
     argv, codes = CASES[name](ctx)
