@@ -291,31 +291,33 @@ def convert_cmd(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
 @app.command("generate")
 def generate_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or checkpoint artifact.")],
                  prompt: Annotated[list[str], typer.Option(help="Prompt text (repeatable: a batch).")],
-                 max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+                 chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template to the prompt.")] = False,
+                 system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
+                 max_new_tokens: Annotated[int, typer.Option(help="At most this many new tokens.")] = 256,
+                 stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
+                 temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default: the model's generation config).")] = None,
+                 top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens (0 = all).")] = None,
+                 top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1 = all).")] = None,
+                 repetition_penalty: Annotated[Optional[float], typer.Option(help=">1 discourages repeated tokens.")] = None,
+                 seed: Annotated[Optional[int], typer.Option(help="Random seed: same seed, same text.")] = None,
+                 threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads.")] = None,
                  as_json: JsonOpt = False) -> None:
-    """Greedy generation through the artifact with its KV cache."""
-    from llmopt.artifact import lineage, open_artifact
-    from llmopt.models.loader import load_tokenizer
-    from llmopt.runtime.generate import greedy
-    from llmopt.runtime.open import open_session
+    """Generate text through the artifact and its KV cache; stops at the model's eos ids and --stop strings."""
+    from llmopt.generate_cmd import GenerateRequest, default_stream, run_generate
 
     _quiet_libraries()
     if any(not p.strip() for p in prompt):
         raise UserError("--prompt is empty", "give the text the model should continue, e.g. --prompt 'The file'")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    art = open_artifact(engine)
-    ckpt = next((a for a in lineage(art) if a.kind == "checkpoint"), None)
-    tok = load_tokenizer(ckpt.path) if ckpt else None
-    if tok is None:
-        raise UserError(f"{engine}: no tokenizer found in its lineage", "load a checkpoint that has tokenizer files")
-    session = open_session(art)
-    g = greedy(session, [tok(p)["input_ids"] for p in prompt], max_new_tokens)
-    texts = [tok.decode(row.tolist()) for row in g.tokens]
-    for p, t in zip(prompt, texts):
-        console().print(f"[bold]{p}[/]{t}", highlight=False)
-    emit({"prompts": prompt, "completions": texts, "tokens": g.tokens.tolist(), "prefill_ms": g.prefill_s * 1e3,
-          "decode_ms_median": g.decode_ms_median}, as_json)
+    req = GenerateRequest(prompts=list(prompt), max_new_tokens=max_new_tokens, chat=chat, system=system,
+                          stop=tuple(stop or ()), temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, threads=threads)
+    result = run_generate(engine, req, stream=default_stream(as_json, STATE["quiet"]), log=_log)
+    t = result["timings"]
+    console().print(f"[dim]{result['finish_reason']} · {t['generated_tokens']} tokens · first token "
+                    f"{t['time_to_first_token_ms']:.0f} ms · {t['decode_tokens_per_s'] or 0:.1f} tokens/s[/]", highlight=False)
+    emit(result, as_json)
 
 
 @app.command("bench")
@@ -341,7 +343,8 @@ def bench_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or check
                       profile=profile)
     baselines = [] if no_baseline else list(baseline or BASELINES)
     c = console()
-    report = bench(engine, baselines, cfg, log=lambda m: None if STATE["quiet"] else c.print(f"… {m}", highlight=False))
+    report = bench(engine, baselines, cfg, log=lambda m: None if STATE["quiet"] else c.print(f"… {m}", highlight=False),
+                   baselines_required=baseline is not None)
     render(report, c)
     emit(report, as_json)
 

@@ -22,6 +22,7 @@ from llmopt.models import presets
 from llmopt.models.loader import load_tokenizer
 from llmopt.progress import Progress
 from llmopt.recipe import ValidateConfig
+from llmopt.runtime import assets
 from llmopt.runtime.base import DecoderSession
 from llmopt.runtime.generate import first_divergence, greedy, left_pad
 from llmopt.runtime.open import artifact_bytes, open_session
@@ -105,7 +106,8 @@ def section(test: DecoderSession, ref_art: Artifact, ids: list[int], prompts, co
 
 def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     artifact, own_ref, *rest = inputs
-    tokenizer = load_tokenizer(own_ref.path)
+    found = assets.source_dir(artifact)  # the engine's own tokenizer, else its lineage's
+    tokenizer = load_tokenizer(found[0] if found else own_ref.path)
     if tokenizer is None:
         raise UserError(f"{own_ref.path}: checkpoint has no tokenizer files", "copy the tokenizer into the checkpoint")
     ids = eval_ids(config, tokenizer)
