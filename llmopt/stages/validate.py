@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llmopt.artifact import Artifact
+from llmopt.artifact import Artifact, lineage
 from llmopt.errors import UserError
+from llmopt.gates import effective_gates, profile_of
 from llmopt.metrics import logits_error, summarize, token_arrays
 from llmopt.models import presets
 from llmopt.models.loader import load_tokenizer
@@ -121,16 +122,23 @@ def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Pro
         report["quantization"] = section(test, rest[0], ids, prompts, config, progress, "quantization")
     with progress.task("latency"):
         report["latency"] = latency(test, ids[:128], max(config.decode_tokens, 16))
-    report["checks"] = evaluate_gates(report, config.gates)
+    gates, source = _gates(config, inputs)
+    report["gates"] = {"source": source, "gated": config.gates != "none", **gates.model_dump()}
+    report["checks"] = evaluate_gates(report, gates)
     report["passed"] = all(c["passed"] for c in report["checks"] if c["passed"] is not None)
     write_report(report, out)
-    return {"passed": report["passed"], "checks": report["checks"],
+    return {"passed": report["passed"], "checks": report["checks"], "gates": report["gates"],
             "summary": {k: report[k] for k in ("backend", "artifact_bytes")}}
+
+
+def _gates(config: ValidateConfig, inputs: list[Artifact]):  # noqa: ANN202
+    return effective_gates(config.gates, profile_of(lineage(inputs[0])))
 
 
 STAGE = Stage(name="validate", kind="report", version=1, config_model=ValidateConfig, run=run,
               input_kinds=("engine", "onnx"), packages=("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
-              default_file=lambda config: presets.DEFAULT_EVAL_TEXT)
+              default_file=lambda config: presets.DEFAULT_EVAL_TEXT,
+              key_extra=lambda config, inputs: _gates(config, inputs)[0].model_dump())
 
 
 def load_report(directory: Path) -> dict:
