@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from llmopt.artifact import (Artifact, cache_key, commit, file_table, lineage, new_manifest, read_manifest,
                              staging_dir, sweep_stale, write_manifest)
+from llmopt import resources
 from llmopt.errors import UserError
 from llmopt.models import presets
 from llmopt.progress import SILENT, Progress
@@ -70,10 +71,14 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
     if existing is not None:
         why = "--force" if force and existing["key"] == key else "inputs or config changed"
         log(f"[yellow]↻[/] {stage.name}: rebuilding {out} ({why})")
+    estimate = stage.estimate(config, inputs)
+    resources.check(stage.name, estimate, out, force)
     sweep_stale(out)
     started = time.time()
     with staging_dir(out) as tmp:
-        metadata = stage.run(config, inputs, tmp, progress)
+        with resources.measure(estimate) as usage:
+            metadata = stage.run(config, inputs, tmp, progress)
+        metadata = {**metadata, "resources": usage.record(tmp)}
         manifest = new_manifest(stage=stage.name, kind=stage.kind, key=key, inputs=inputs, config=resolved,
                                 metadata=metadata, directory=tmp, started=started, finished=time.time())
         write_manifest(tmp, manifest)

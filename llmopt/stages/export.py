@@ -15,6 +15,7 @@ import onnx_ir as ir
 import torch
 
 from llmopt.artifact import Artifact
+from llmopt.estimates import export_estimate
 from llmopt.export.bind import bind_weights, quantize_activations
 from llmopt.export.trace import meta_model, trace
 from llmopt.export.weights import CheckpointTensors
@@ -117,4 +118,5 @@ def run(config: ExportConfig, inputs: list[Artifact], out: Path, progress: Progr
 
 
 STAGE = Stage(name="export", kind="onnx", version=2, config_model=ExportConfig, run=run,
-              input_kinds=("checkpoint",), packages=("torch", "transformers", "onnx", "onnxscript", "onnx-ir"))
+              input_kinds=("checkpoint",), packages=("torch", "transformers", "onnx", "onnxscript", "onnx-ir"),
+              estimate=export_estimate)

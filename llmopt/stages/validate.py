@@ -24,6 +24,7 @@ import numpy as np
 
 from llmopt.artifact import Artifact
 from llmopt.errors import UserError
+from llmopt.estimates import validate_estimate
 from llmopt.metrics import logits_error, summarize, token_arrays
 from llmopt.models import presets
 from llmopt.models.loader import load_tokenizer
@@ -185,7 +186,7 @@ def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Pro
 
 STAGE = Stage(name="validate", kind="report", version=1, config_model=ValidateConfig, run=run,
               input_kinds=("engine", "onnx"), packages=("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
-              default_file=lambda config: presets.DEFAULT_EVAL_TEXT)
+              default_file=lambda config: presets.DEFAULT_EVAL_TEXT, estimate=validate_estimate)
 
 
 def load_report(directory: Path) -> dict:
