@@ -72,11 +72,12 @@ def _root(verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, he
 
 
 @app.command("load")
-def load_cmd(source: Annotated[str, typer.Argument(help="Local HF checkpoint dir or preset:NAME.")],
+def load_cmd(source: Annotated[str, typer.Argument(help="Local HF checkpoint dir, .gguf file or preset:NAME.")],
              output: OutOpt,
-             dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
+             dtype: Annotated[str, typer.Option(help="auto (keep the source dtype) | float32 | float16 | bfloat16")] = "auto",
+             max_shard_gb: Annotated[Optional[float], typer.Option(help="Write shards of at most this many GB.")] = None,
              force: ForceOpt = False, as_json: JsonOpt = False) -> None:
-    """Read a checkpoint or preset, check every tensor, write a checkpoint artifact."""
+    """Read a checkpoint, GGUF or preset tensor by tensor, check every tensor, write a checkpoint artifact."""
     from llmopt.recipe import LoadConfig, validated
     from llmopt.runner import run_stage
     from llmopt.stages import load
@@ -84,7 +85,7 @@ def load_cmd(source: Annotated[str, typer.Argument(help="Local HF checkpoint dir
     _quiet_libraries()
     if not source.startswith("preset:"):
         source = str(Path(source).resolve())
-    cfg = validated(LoadConfig, {"source": source, "dtype": dtype}, "load")
+    cfg = validated(LoadConfig, {"source": source, "dtype": dtype, "max_shard_gb": max_shard_gb}, "load")
     run = run_stage(load.STAGE, cfg, [], output, force=force, progress=_progress(), log=_log)
     emit(_stage_result(run), as_json)
 
@@ -101,6 +102,8 @@ def quantize_cmd(ckpt: Annotated[Path, typer.Argument(help="Checkpoint artifact 
                  ignore: Annotated[Optional[list[str]], typer.Option(help="Module name pattern kept in float (repeatable).")] = None,
                  act_order: Annotated[bool, typer.Option(help="GPTQ activation order.")] = False,
                  alpha: Annotated[float, typer.Option(help="SmoothQuant migration strength.")] = 0.5,
+                 error_stats: Annotated[bool, typer.Option(
+                     help="RTN: measure per-linear output errors on calibration text (layer by layer, slower).")] = False,
                  force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """Quantize weights (RTN, GPTQ, AWQ) or weights+activations (SmoothQuant W8A8)."""
     from llmopt.artifact import open_artifact
@@ -112,7 +115,7 @@ def quantize_cmd(ckpt: Annotated[Path, typer.Argument(help="Checkpoint artifact 
     data: dict[str, Any] = {"method": method, "bits": bits, "group_size": group_size or None, "symmetric": symmetric,
                             "calibration": {"text": str(calibration.resolve()) if calibration else None,
                                             "samples": samples, "seq_len": seq_len},
-                            "act_order": act_order, "alpha": alpha}
+                            "act_order": act_order, "alpha": alpha, "error_stats": error_stats}
     if ignore is not None:
         data["ignore"] = ignore
     cfg = validated(QuantizeConfig, data, "quantize")

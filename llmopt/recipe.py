@@ -23,8 +23,11 @@ class Strict(BaseModel):
 
 
 class LoadConfig(Strict):
-    source: str = Field(description="local HF checkpoint directory or preset:NAME")
-    dtype: DType = "float32"
+    source: str = Field(description="local HF checkpoint directory, .gguf file (or a directory holding one) or preset:NAME")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto keeps each tensor's source dtype (GGUF: float32)")
+    max_shard_gb: float | None = Field(None, gt=0, description="split the safetensors output into shards of at most "
+                                                               "this size; None = one file")
 
 
 class CalibrationConfig(Strict):
@@ -50,6 +53,8 @@ class QuantizeConfig(Strict):
     act_order: bool = False
     alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength")
     awq_grid: int = Field(20, ge=2, description="AWQ scale search grid points")
+    error_stats: bool = Field(False, description="RTN: also measure each linear's output error on the calibration "
+                                                 "text (runs the model layer by layer instead of streaming weights)")
 
     @model_validator(mode="after")
     def _check(self) -> "QuantizeConfig":

@@ -45,7 +45,7 @@ def test_recipe_typo_exit_1_one_line_per_field(cli, tmp_path):
     p.write_text("name: x\nmodel: {source: 'preset:tiny-llama', dtyp: float32}\nbuild: {threads: 0}\n")
     r = cli("convert", p, "-w", tmp_path / "w")
     assert r.code == 1
-    assert "• model.dtyp: unknown field; allowed: dtype, source" in r.err
+    assert "• model.dtyp: unknown field; allowed: dtype, max_shard_gb, source" in r.err
     assert "• build.threads:" in r.err
     assert "Traceback" not in r.err
 

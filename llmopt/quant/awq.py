@@ -21,9 +21,16 @@ H, the reference's objective), then refined by coordinate descent over the group
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from llmopt.quant.rtn import fake_quantize, group_count
+import torch
+from torch import nn
+
+from llmopt.models.registry import SmoothGroup
+from llmopt.quant.capture import layer_out
+from llmopt.quant.method import GroupContext, Method
+from llmopt.quant.modules import set_weight
+from llmopt.quant.rtn import QTensor, fake_quantize, group_count, quantize
 
 
 def _hessian_loss(d: torch.Tensor, h: torch.Tensor) -> float:
@@ -76,10 +83,15 @@ def search_clip(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     accounts for the errors already made in the others (never increases the error).
     """
     w = weight.detach().float()
+    h = hessian.float()
     out_f, in_f = w.shape
     ng = group_count(in_f, group_size)
-    g = in_f // ng
-    h = hessian.float()
+    g = in_f if ng == 1 else group_size
+    if g * ng != in_f:  # partial last group: zero columns leave its range and its error unchanged
+        pad = g * ng - in_f
+        w = torch.nn.functional.pad(w, (0, pad))
+        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
+        in_f = g * ng
     hb = torch.stack([h[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)])  # [ng, g, g]
     wg = w.reshape(out_f, ng, g)
     ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
@@ -111,3 +123,67 @@ def search_clip(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
             cur[:, k] = dk[choice, torch.arange(out_f)]
             idx[:, k] = choice
     return table[idx]
+
+
+def block_of(smooth: SmoothGroup | None) -> str | None:
+    """The module whose output AWQ's scale search compares: the linears' common parent (self_attn, mlp)
+    when the scaled op is outside it; None (per-linear outputs) when it is inside (up_proj → down_proj)."""
+    if smooth is None:
+        return None
+    parents = {lin.rsplit(".", 1)[0] if "." in lin else "" for lin in smooth.linears}
+    if len(parents) != 1:
+        return None
+    parent = parents.pop()
+    if not parent or smooth.prev.startswith(parent + "."):
+        return None
+    return parent
+
+
+def block_loss(stats: Any, mods: dict[str, nn.Module], w_orig: dict[str, torch.Tensor], bits: int,
+               group_size: int | None, symmetric: bool) -> Any:
+    """loss(s): squared error of the block's output with the linears replaced by Q(W·s)/s."""
+    block, inputs = stats.block, stats.block_inputs
+    refs = [layer_out(block(*a, **k)).float() for a, k in inputs]
+
+    def loss(s: torch.Tensor) -> float:
+        try:
+            for t, m in mods.items():
+                set_weight(m, fake_quantize(w_orig[t] * s, bits, group_size, symmetric) / s)
+            return sum(float((layer_out(block(*a, **k)).float() - r).pow(2).sum())
+                       for (a, k), r in zip(inputs, refs))
+        finally:
+            for t, m in mods.items():
+                set_weight(m, w_orig[t])
+
+    return loss
+
+
+class AWQ(Method):
+    """Scales searched per smooth group (on the block output, as the reference does, else summed over the
+    linears through H) and folded into the previous op; then a clipping search per linear (not for q/k)."""
+
+    name = "awq"
+    calibrated = True
+    BLOCK_LOSS = True  # the scale search compares the block output (self_attn / mlp)
+
+    def block_of(self, smooth: SmoothGroup | None) -> str | None:
+        return block_of(smooth) if self.BLOCK_LOSS else None
+
+    def smooth(self, ctx: GroupContext) -> tuple[torch.Tensor, dict] | None:
+        if ctx.smooth is None:
+            return None
+        st, grid = ctx.stats, self.config.awq_grid
+        if st.block is not None and st.block_inputs:
+            mods = {t: ctx.layer.get_submodule(t) for t in ctx.targets}
+            return search_scale_with(st.mean_abs, block_loss(st, mods, ctx.w_orig, self.bits, self.group_size,
+                                                             self.symmetric), grid=grid)
+        return search_scale([ctx.w_orig[t] for t in ctx.targets], st.h, st.mean_abs, self.bits, self.group_size,
+                            self.symmetric, grid=grid)
+
+    def quantize_linear(self, ctx: GroupContext | None, lin: str, w: torch.Tensor) -> QTensor:
+        clip = None
+        if not any(k in lin for k in ("q_proj", "k_proj", "qkv", "c_attn")):  # AWQ skips q/k clipping
+            s = ctx.col_scale
+            h_s = ctx.stats.h if s is None else ctx.stats.h / s.unsqueeze(0) / s.unsqueeze(1)
+            clip = search_clip(w, h_s, self.bits, self.group_size, self.symmetric, grid=self.config.awq_grid)
+        return quantize(w, self.bits, self.group_size, self.symmetric, clip)

@@ -1,115 +1,86 @@
-"""The layer-by-layer calibration driver shared by RTN, GPTQ, AWQ and SmoothQuant.
+"""The layer-walking driver of the calibrated methods (GPTQ, AWQ, SmoothQuant; RTN with error statistics).
+It knows no method by name: it calls the hooks of a :class:`llmopt.quant.method.Method`.
 
 1. The calibration text is tokenized with the checkpoint's tokenizer into ``samples`` windows of
    ``seq_len`` tokens at evenly spaced offsets (deterministic; windows overlap when the text is short).
 2. The inputs of decoder layer 0 (hidden states plus every positional/keyword argument the model passes:
    masks, position ids, rotary embeddings) are captured by temporarily replacing layer 0 with a
-   "catcher" that raises once it has recorded them.
-3. For each decoder layer in order, the layer's linears are processed in "sub-layer" groups in execution
-   order (linears sharing one input form a group: q/k/v, o, gate/up, down for Llama). For each group:
-   its input statistics (``H = Σ x xᵀ``, mean and max |x| per channel) are collected with a forward
+   "catcher" that raises once it has recorded them — only the embeddings run.
+3. For each decoder layer in order (a :class:`LayerStore` brings its weights in from disk and takes them
+   out again, so only one layer is in memory), the layer's linears are processed in "sub-layer" groups in
+   execution order (linears sharing one input form a group: q/k/v, o, gate/up, down for Llama). For each
+   group: its input statistics (``H = Σ x xᵀ``, mean and max |x| per channel) are collected with a forward
    pre-hook while running the layer on the calibration batches — stopping the forward right there — so
    each group sees the already-quantized outputs of the groups and layers before it (GPTQ's
-   "true sequential" order); AWQ / SmoothQuant fold their scales for the group's smooth group; the
-   group's linears are quantized and their weights replaced by the dequantized ones; the relative output
-   error ``||(W - Ŵ) X||² / ||W X||²`` is recorded for the method and for RTN on the same inputs.
+   "true sequential" order); the method's ``smooth`` hook may return scales, which are folded into the
+   group's smooth group; each linear is quantized by ``quantize_linear`` and its weight replaced by the
+   dequantized one; ``error`` records the relative output error of the method and of RTN.
 4. The layer is run once more with its quantized weights; its outputs are the next layer's inputs.
 
 Calibration batches interleave the samples (batch b holds samples b, b + nb, …), so every batch spans
-the whole text; AWQ's block-output scale search runs on the first batch (≤ ``batch_tokens`` tokens),
-everything else on all tokens.
+the whole text; block-output objectives (AWQ) use the first batch (≤ ``batch_tokens`` tokens).
 
-Peak memory is the model plus one layer's inputs and outputs for the calibration set (and one group's
-statistics). Linears outside the decoder layers (``lm_head``, ignored by default) are quantized
-weight-only when not ignored — GPTQ for ``gptq`` (Hessian of the final norm's outputs), RTN otherwise;
-embeddings are always kept in float.
+Peak memory: the layers' neighbours (embeddings; final norm and lm_head when it is quantized), one layer
+in float32, the calibration activations of one layer boundary (inputs and outputs: reported as
+``activation_bytes``) and one group's statistics. Linears outside the decoder layers (``lm_head``, ignored
+by default) go through ``quantize_head`` with the final norm's input Hessian; embeddings stay float.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmopt.errors import UserError
-from llmopt.models.registry import ArchSpec, SmoothGroup, spec_for
+from llmopt.models.registry import ArchSpec, spec_for
 from llmopt.progress import SILENT, Progress
-from llmopt.quant import awq as _awq
-from llmopt.quant import smoothquant as _sq
-from llmopt.quant.capture import Stats, capture_layer0_inputs, collect, layer_out
-from llmopt.quant.gptq import gptq_quantize
+from llmopt.quant.capture import capture_layer0_inputs, collect, layer_out
+from llmopt.quant.method import GroupContext, Method, QuantResult, method_for
 from llmopt.quant.modules import (check_targets, fold_scales, get_weight, is_ignored, is_linear, set_weight,
                                   sublayer_groups, untie)
-from llmopt.quant.rtn import QTensor, fake_quantize, output_error, quantize
+from llmopt.quant.rtn import output_error, quantize
 
-SQ_SAMPLE_TOKENS = 4096  # token rows kept per SmoothQuant group to measure the W8A8 output error
-AWQ_BLOCK_LOSS = True  # AWQ scale search on the block output (self_attn / mlp), as the reference does
-
-
-# ----------------------------------------------------------------------------------------------------
-# results
+__all__ = ["LayerStore", "QuantResult", "quantize_model"]
 
 
-@dataclass
-class QuantResult:
-    """What :func:`quantize_model` produced; the model itself now holds the dequantized weights."""
+class LayerStore:
+    """Where the decoder layers' weights live between uses. This one: in the model (nothing to do)."""
 
-    qtensors: dict[str, QTensor] = field(default_factory=dict)       # module name -> QTensor [out, in]
-    act_qparams: dict[str, dict] = field(default_factory=dict)       # W8A8 linear -> {scale, zero_point, dtype}
-    errors: dict[str, dict] = field(default_factory=dict)            # linear -> {method, rtn} rel. output MSE
-    ignored: list[str] = field(default_factory=list)                 # linear modules kept in float
-    smoothing: dict[str, dict] = field(default_factory=dict)         # AWQ/SQ: group -> search info
-    layer_seconds: list[float] = field(default_factory=list)
-    calibration: dict = field(default_factory=dict)
-    untied_lm_head: bool = False
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Give ``layer`` its weights before it is calibrated."""
 
-    def error_summary(self) -> dict:
-        pairs = [(e["method"], e["rtn"]) for e in self.errors.values() if e.get("rtn")]
-        if not pairs:
-            return {}
-        import math
-
-        ratios = [m / r for m, r in pairs if r > 0]
-        return {
-            "linears": len(pairs),
-            "mean_rel_mse": sum(m for m, _ in pairs) / len(pairs),
-            "mean_rel_mse_rtn": sum(r for _, r in pairs) / len(pairs),
-            "geomean_ratio_vs_rtn": math.exp(sum(math.log(max(x, 1e-30)) for x in ratios) / len(ratios)) if ratios else None,
-            "worse_than_rtn": sum(1 for m, r in pairs if m > r * (1 + 1e-6)),
-        }
+    def done(self, index: int, layer: nn.Module, result: QuantResult) -> None:
+        """``layer`` is final (quantized, smoothed): keep it or write it out and free it."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# the driver
-
-
-def _effective(qt: QTensor, col_scale: torch.Tensor | None) -> torch.Tensor:
-    w = qt.dequantize()
-    return w / col_scale.unsqueeze(0) if col_scale is not None else w
+def _hidden_bytes(cached: list | None) -> int:
+    return sum(h.numel() * h.element_size() for h, _, _ in cached) if cached else 0
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None,
-                   progress: Progress = SILENT, batch_tokens: int = 4096) -> QuantResult:
-    """Quantize ``model`` in place following ``config`` (a ``QuantizeConfig``); see the module doc.
+                   progress: Progress = SILENT, batch_tokens: int = 4096,
+                   store: LayerStore | None = None) -> QuantResult:
+    """Quantize ``model`` following ``config`` (a ``QuantizeConfig``); see the module doc.
 
-    ``calib_ids`` (``[samples, seq_len]``) may be None only for RTN (then no errors are recorded).
+    ``calib_ids`` (``[samples, seq_len]``) may be None only for an uncalibrated method (RTN; then no
+    errors are recorded). With the default ``store`` the model keeps the dequantized weights.
     """
+    store = store or LayerStore()
     spec = spec_for(getattr(model.config, "model_type", None))
     model.eval()  # no dropout while calibrating
-    method, bits = config.method, config.bits
-    group_size = None if bits == 8 else config.group_size
-    symmetric = True if method == "smoothquant" else config.symmetric
+    method = method_for(config)
     patterns = list(config.ignore)
     layers: nn.ModuleList = model.get_submodule(spec.layers_path)
     res = QuantResult()
-    check_targets(model, spec, patterns, group_size)
-    if calib_ids is None and method != "rtn":
-        raise UserError(f"{method} needs calibration data")
+    check_targets(model, spec)
+    if calib_ids is None and method.calibrated:
+        raise UserError(f"{method.name} needs calibration data")
 
+    cached = None
     if calib_ids is not None:
         seq_len = calib_ids.shape[1]
         batch = max(1, batch_tokens // seq_len)
@@ -119,150 +90,64 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
         cached = capture_layer0_inputs(model, layers, calib_ids[interleave], batch)  # each batch spans the text
         res.calibration = {"samples": int(calib_ids.shape[0]), "seq_len": int(seq_len),
                            "tokens": int(calib_ids.numel()), "batch": batch,
-                           "capture_s": round(time.perf_counter() - t0, 3)}
-    else:
-        cached = None
+                           "capture_s": round(time.perf_counter() - t0, 3),
+                           "activation_bytes": 2 * _hidden_bytes(cached),
+                           "activation_note": "one layer's calibration inputs and outputs (float32), held at once"}
 
     groups = sublayer_groups(spec)
     smooth_by_first = {g.linears[0]: g for g in spec.smooth_groups}
-    with progress.task(f"{method} int{bits}: decoder layers", total=len(layers)) as advance:
+    with progress.task(f"{method.name} int{method.bits}: decoder layers", total=len(layers)) as advance:
         for li, layer in enumerate(layers):
             t0 = time.perf_counter()
+            store.load(li, layer)
             prefix = f"{spec.layers_path}.{li}."
             hooks: list[Any] = []
             try:
                 for grp in groups:
                     names = [prefix + lin for lin in grp]
-                    targets = [lin for lin, n in zip(grp, names) if not is_ignored(n, patterns)]
                     res.ignored += [n for n in names if is_ignored(n, patterns)]
-                    if not targets:
-                        continue
-                    stats = None
-                    if cached is not None:
-                        every = 0
-                        if method == "smoothquant":
-                            every = max(1, res.calibration["tokens"] // SQ_SAMPLE_TOKENS)
-                        block = _block_of(smooth_by_first.get(grp[0])) if method == "awq" and AWQ_BLOCK_LOSS else None
-                        stats = collect(layer, layer.get_submodule(grp[0]), cached, every,
-                                        layer.get_submodule(block) if block else None)
-                        stats.block = layer.get_submodule(block) if block else None
-                    _quantize_group(layer, grp, targets, prefix, smooth_by_first.get(grp[0]), stats,
-                                    config, method, bits, group_size, symmetric, res)
-                    if method == "smoothquant":
-                        for lin in targets:
-                            hooks.append(_act_hook(layer.get_submodule(lin), res.act_qparams[prefix + lin]))
+                    targets = [lin for lin, n in zip(grp, names) if not is_ignored(n, patterns)]
+                    if targets:
+                        hooks += _group(method, layer, grp, targets, prefix, smooth_by_first.get(grp[0]), cached, res)
                 if cached is not None:
                     cached = [(layer_out(layer(h, *rest, **kw)), rest, kw) for h, rest, kw in cached]
             finally:
                 for hk in hooks:
                     hk.remove()
+            store.done(li, layer, res)
             res.layer_seconds.append(round(time.perf_counter() - t0, 3))
             advance(1)
 
-    _quantize_outside_layers(model, spec, patterns, config, bits, group_size, symmetric, res, cached)
+    _outside_layers(model, spec, patterns, method, res, cached)
     return res
 
 
-def _block_of(smooth: SmoothGroup | None) -> str | None:
-    """The module whose output AWQ's scale search compares: the linears' common parent (self_attn, mlp)
-    when the scaled op is outside it; None (per-linear outputs) when it is inside (up_proj → down_proj)."""
-    if smooth is None:
-        return None
-    parents = {lin.rsplit(".", 1)[0] if "." in lin else "" for lin in smooth.linears}
-    if len(parents) != 1:
-        return None
-    parent = parents.pop()
-    if not parent or smooth.prev.startswith(parent + "."):
-        return None
-    return parent
-
-
-def _block_loss(stats: Stats, mods: dict[str, nn.Module], w_orig: dict[str, torch.Tensor], bits: int,
-                group_size: int | None, symmetric: bool) -> Any:
-    """loss(s): squared error of the block's output with the linears replaced by Q(W·s)/s."""
-    block, inputs = stats.block, stats.block_inputs
-    refs = [layer_out(block(*a, **k)).float() for a, k in inputs]
-
-    def loss(s: torch.Tensor) -> float:
-        try:
-            for t, m in mods.items():
-                set_weight(m, fake_quantize(w_orig[t] * s, bits, group_size, symmetric) / s)
-            return sum(float((layer_out(block(*a, **k)).float() - r).pow(2).sum())
-                       for (a, k), r in zip(inputs, refs))
-        finally:
-            for t, m in mods.items():
-                set_weight(m, w_orig[t])
-
-    return loss
-
-
-def _act_hook(module: nn.Module, qp: dict) -> Any:
-    scale, zp = qp["scale"], qp["zero_point"]
-
-    def pre(_m: nn.Module, args: tuple) -> tuple:
-        return (_sq.fake_quant_activation(args[0], scale, zp),) + tuple(args[1:])
-
-    return module.register_forward_pre_hook(pre)
-
-
-def _quantize_group(layer: nn.Module, grp: tuple[str, ...], targets: list[str], prefix: str,
-                    smooth: SmoothGroup | None, stats: Stats | None, config: Any, method: str, bits: int,
-                    group_size: int | None, symmetric: bool, res: QuantResult) -> None:
-    mods = {lin: layer.get_submodule(lin) for lin in grp}
-    w_orig = {lin: get_weight(mods[lin]) for lin in targets}
-    col_scale: torch.Tensor | None = None
-    gname = prefix + (smooth.prev if smooth else grp[0])
-
-    if smooth is not None and stats is not None and method in ("awq", "smoothquant"):
-        if method == "awq" and stats.block is not None and stats.block_inputs:
-            col_scale, info = _awq.search_scale_with(
-                stats.mean_abs, _block_loss(stats, {t: mods[t] for t in targets}, w_orig, bits, group_size, symmetric),
-                grid=config.awq_grid)
-        elif method == "awq":
-            col_scale, info = _awq.search_scale([w_orig[t] for t in targets], stats.h, stats.mean_abs, bits,
-                                                group_size, symmetric, grid=config.awq_grid)
-        else:
-            col_scale = _sq.smooth_scales(stats.absmax, [w_orig[t] for t in targets], config.alpha)
-            info = {"alpha": config.alpha}
+def _group(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list[str], prefix: str,
+           smooth: Any, cached: list | None, res: QuantResult) -> list[Any]:
+    stats = None
+    if cached is not None:
+        block = method.block_of(smooth)
+        block_mod = layer.get_submodule(block) if block else None
+        stats = collect(layer, layer.get_submodule(grp[0]), cached, method.sample_every(res.calibration["tokens"]),
+                        block_mod)
+        stats.block = block_mod
+    ctx = GroupContext(layer=layer, prefix=prefix, linears=grp, targets=targets, smooth=smooth, stats=stats,
+                       result=res, w_orig={t: get_weight(layer.get_submodule(t)) for t in targets})
+    found = method.smooth(ctx) if stats is not None else None
+    if found is not None:
+        ctx.col_scale, info = found
         info.update(prev=prefix + smooth.prev, linears=[prefix + t for t in smooth.linears],
-                    scale_min=float(col_scale.min()), scale_max=float(col_scale.max()))
-        res.smoothing[gname] = info
-        fold_scales(layer, smooth, col_scale, res.qtensors, prefix)
-
+                    scale_min=float(ctx.col_scale.min()), scale_max=float(ctx.col_scale.max()))
+        res.smoothing[prefix + smooth.prev] = info
+        fold_scales(layer, smooth, ctx.col_scale, res.qtensors, prefix)
     for lin in targets:
-        name = prefix + lin
-        w = get_weight(mods[lin])  # after folding
-        if method == "gptq":
-            qt = gptq_quantize(w, stats.h, bits, group_size, symmetric, damp=config.damp,
-                               block_size=config.block_size, act_order=config.act_order)
-        elif method == "awq" and stats is not None:
-            clip = None
-            if not any(k in lin for k in ("q_proj", "k_proj", "qkv", "c_attn")):  # AWQ skips q/k clipping
-                h_s = stats.h if col_scale is None else stats.h / col_scale.unsqueeze(0) / col_scale.unsqueeze(1)
-                clip = _awq.search_clip(w, h_s, bits, group_size, symmetric, grid=config.awq_grid)
-            qt = quantize(w, bits, group_size, symmetric, clip)
-        else:
-            qt = quantize(w, bits, group_size, symmetric)
-        res.qtensors[name] = qt
-        set_weight(mods[lin], qt.dequantize())
-
-        if method == "smoothquant" and stats is not None:
-            smoothed_absmax = stats.absmax / col_scale if col_scale is not None else stats.absmax
-            scale, zp = _sq.activation_qparams(float(smoothed_absmax.max()))
-            res.act_qparams[name] = {"scale": scale, "zero_point": zp, "dtype": _sq.ACT_DTYPE}
-            x = stats.sample()
-            naive_scale, _ = _sq.activation_qparams(float(stats.absmax.max()))
-            rtn_w = quantize(w_orig[lin], bits, None, True).dequantize()
-            res.errors[name] = {
-                "method": _sq.w8a8_output_error(x, w_orig[lin], qt.dequantize(), scale, col_scale),
-                "rtn": _sq.w8a8_output_error(x, w_orig[lin], rtn_w, naive_scale),
-                "weight_only_rtn": output_error(w_orig[lin], rtn_w, stats.h),
-                "act_scale": scale,
-            }
-        elif stats is not None:
-            rtn_w = quantize(w_orig[lin], bits, group_size, symmetric).dequantize()
-            res.errors[name] = {"method": output_error(w_orig[lin], _effective(qt, col_scale), stats.h),
-                                "rtn": output_error(w_orig[lin], rtn_w, stats.h)}
+        mod = layer.get_submodule(lin)
+        qt = method.quantize_linear(ctx, lin, get_weight(mod))  # after folding
+        res.qtensors[prefix + lin] = qt
+        set_weight(mod, qt.dequantize())
+        if stats is not None:
+            res.errors[prefix + lin] = method.error(ctx, lin, qt)
+    return method.after_group(ctx) if stats is not None else []
 
 
 FINAL_NORMS = ("model.norm", "transformer.ln_f")  # where the decoder's final norm lives, by family
@@ -277,44 +162,38 @@ def _final_norm(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _quantize_outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[str], config: Any, bits: int,
-                             group_size: int | None, symmetric: bool, res: QuantResult,
-                             final_hidden: list | None) -> None:
-    """Weight-only quantization of linears outside the decoder layers (lm_head) unless ignored.
-
-    With calibration data the output head's inputs (final norm of the last layer's quantized outputs)
-    give its Hessian: GPTQ is used for ``gptq``, RTN otherwise, and both errors are recorded.
-    """
+def outside_linears(model: nn.Module, spec: ArchSpec) -> list[str]:
+    """Linear modules outside the decoder layers (lm_head)."""
     inside = spec.layers_path + "."
+    return [n for n, m in model.named_modules() if n and not n.startswith(inside) and is_linear(m)]
+
+
+def _outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[str], method: Method, res: QuantResult,
+                    final_hidden: list | None) -> None:
+    """Weight-only quantization of linears outside the decoder layers (lm_head) unless ignored; with
+    calibration data the head's inputs (final norm of the last layer's quantized outputs) give its Hessian."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     norm = _final_norm(model)
-    for name, m in list(model.named_modules()):
-        if not name or name.startswith(inside) or not is_linear(m):
-            continue
+    for name in outside_linears(model, spec):
+        m = model.get_submodule(name)
         if is_ignored(name, patterns):
             res.ignored.append(name)
             continue
-        w = get_weight(m)
-        if group_size is not None and group_size < w.shape[1] and w.shape[1] % group_size:
-            raise UserError(f"group size {group_size} does not divide {name}'s {w.shape[1]} input features",
-                            f"add --ignore {name}")
         if emb is not None and m.weight is getattr(emb, "weight", None):
             untie(m)
             res.untied_lm_head = True
+        w = get_weight(m)
         h = None
         if final_hidden is not None and m is head and norm is not None:
             h = torch.zeros(w.shape[1], w.shape[1])
             for hidden, _, _ in final_hidden:
                 x = norm(hidden).reshape(-1, w.shape[1]).float()
                 h.addmm_(x.t(), x)
-        if h is not None and config.method == "gptq":
-            qt = gptq_quantize(w, h, bits, group_size, symmetric, damp=config.damp,
-                               block_size=config.block_size, act_order=config.act_order)
-        else:
-            qt = quantize(w, bits, group_size, symmetric)
+        qt = method.quantize_head(w, h)
         if h is not None:
             res.errors[name] = {"method": output_error(w, qt.dequantize(), h),
-                                "rtn": output_error(w, quantize(w, bits, group_size, symmetric).dequantize(), h)}
+                                "rtn": output_error(w, quantize(w, method.bits, method.group_size,
+                                                                method.symmetric).dequantize(), h)}
         res.qtensors[name] = qt
         set_weight(m, qt.dequantize())

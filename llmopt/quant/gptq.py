@@ -12,6 +12,8 @@ Hessian, which minimizes ``||W X - Q X||²`` greedily:
   exactly the OBS update vectors for the sequential elimination order;
 * lazy batch updates: errors are applied inside a block of ``block_size`` columns immediately and to the
   rest of the matrix once per block (one matmul);
+* a group size that does not divide the input width leaves the last group partial (its scale comes
+  from its real columns), the layout of :mod:`llmopt.quant.rtn`;
 * act-order (``act_order=True``): columns are processed by decreasing ``H_jj``; groups stay contiguous
   runs of ``group_size`` ORIGINAL input columns (the layout ONNX block-wise ``DequantizeLinear`` needs,
   no ``g_idx``), so a group's scale is fixed when the first of its columns is reached;
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from llmopt.quant.method import GroupContext, Method
 from llmopt.quant.rtn import QTensor, compute_qparams, group_count, qrange
 
 
@@ -53,7 +56,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         raise ValueError(f"shapes do not match: weight {tuple(weight.shape)}, hessian {tuple(hessian.shape)}")
     out_f, in_f = weight.shape
     ng = group_count(in_f, group_size)
-    gsize = in_f // ng
+    gsize = in_f if ng == 1 else group_size  # the last group may be partial
     qmin, qmax = qrange(bits)
 
     W = weight.detach().float().clone()
@@ -91,7 +94,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             if not entered[g]:
                 # current values of the group's columns (all still unquantized), pending updates included
                 pos = invperm[g * gsize:(g + 1) * gsize]
-                cur = torch.empty(gsize, out_f)
+                cur = torch.empty(len(pos), out_f)
                 inblk = pos < i2
                 if inblk.any():
                     cur[inblk] = W1[pos[inblk] - i1]
@@ -122,4 +125,24 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
     return QTensor(q=Q[invperm].t().contiguous(), scale=scale.t().contiguous(),
                    zero_point=None if zero is None else zero.t().to(torch.int8).contiguous(), bits=bits,
-                   group_size=None if ng == 1 else gsize, symmetric=symmetric)
+                   group_size=None if ng == 1 else group_size, symmetric=symmetric)
+
+
+class GPTQ(Method):
+    """Each linear quantized with :func:`gptq_quantize` from its group's input Hessian (true-sequential:
+    the Hessian is collected after the earlier groups of the layer were quantized); lm_head too, from the
+    final norm's outputs, when it is not ignored."""
+
+    name = "gptq"
+    calibrated = True
+
+    def _gptq(self, w: torch.Tensor, h: torch.Tensor) -> QTensor:
+        c = self.config
+        return gptq_quantize(w, h, self.bits, self.group_size, self.symmetric, damp=c.damp,
+                             block_size=c.block_size, act_order=c.act_order)
+
+    def quantize_linear(self, ctx: GroupContext | None, lin: str, w: torch.Tensor) -> QTensor:
+        return self._gptq(w, ctx.stats.h)
+
+    def quantize_head(self, w: torch.Tensor, h: torch.Tensor | None) -> QTensor:
+        return self._gptq(w, h) if h is not None else super().quantize_head(w, h)

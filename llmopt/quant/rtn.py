@@ -4,7 +4,10 @@ Conventions (shared by GPTQ, AWQ, SmoothQuant, the checkpoint format and the ONN
 
 * weights are ``[out, in]`` (``nn.Linear`` orientation), quantized along the input dimension:
   one scale per output row (``group_size=None``, "per channel") or one per row and per block of
-  ``group_size`` consecutive input columns (``scale`` is ``[out, in // group_size]``);
+  ``group_size`` consecutive input columns (``scale`` is ``[out, ceil(in / group_size)]``); when
+  ``group_size`` does not divide ``in`` the LAST group is partial (SmolLM2's 576 inputs with groups of
+  128: four groups of 128 and one of 64), exactly as ONNX block-wise ``DequantizeLinear`` and
+  ``MatMulNBits`` define it; its parameters come from its real columns only;
 * integers are always SIGNED: ``[-2^(b-1), 2^(b-1) - 1]`` (int8: [-128, 127], int4: [-8, 7]), stored
   unpacked in an int8 tensor here (see :mod:`llmopt.quant.packing` for the 4-bit file layout);
 * dequantization is ONNX ``DequantizeLinear``'s: ``w = (q - zero_point) * scale``;
@@ -40,8 +43,15 @@ class QTensor:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
+    @property
+    def partial_group(self) -> int | None:
+        """Width of the last group when the group size does not divide the input width, else None."""
+        if self.group_size is None or self.shape[1] % self.group_size == 0:
+            return None
+        return self.shape[1] % self.group_size
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_values(self.q, self.scale, self.zero_point).to(dtype)
+        return dequantize_values(self.q, self.scale, self.zero_point, self.group_size).to(dtype)
 
     def scale_rows(self, factor: torch.Tensor) -> None:
         """Multiply output row ``i`` of the dequantized weight by ``factor[i] > 0``, exactly (scales only)."""
@@ -49,16 +59,27 @@ class QTensor:
 
 
 def group_count(in_features: int, group_size: int | None) -> int:
+    """Groups per row: 1 (per channel) when ``group_size`` is None or not below ``in_features``, else
+    ``ceil(in_features / group_size)`` (the last one partial when it does not divide)."""
     if group_size is None or group_size >= in_features:
         return 1
-    if in_features % group_size:
-        raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
-    return in_features // group_size
+    return -(-in_features // group_size)
 
 
-def _grouped(x: torch.Tensor, ngroups: int) -> torch.Tensor:
+def effective_group(in_features: int, group_size: int | None) -> int | None:
+    """The group size a QTensor records: None when one group spans the row."""
+    return None if group_count(in_features, group_size) == 1 else group_size
+
+
+def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``[out, n]`` → ``[out, ngroups, group_size]`` (one group of ``n`` when None); a partial last group is
+    padded with zeros, which leave absmax and the asymmetric range (it always contains 0) unchanged."""
     out, n = x.shape
-    return x.reshape(out, ngroups, n // ngroups)
+    ng = group_count(n, group_size)
+    g = n if ng == 1 else group_size
+    if g * ng != n:
+        x = torch.nn.functional.pad(x, (0, g * ng - n))
+    return x.reshape(out, ng, g)
 
 
 def compute_qparams(w: torch.Tensor, bits: int, symmetric: bool,
@@ -97,13 +118,22 @@ def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return q.clamp(qmin, qmax).to(torch.int8)
 
 
-def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
-    """``(q - zero_point) * scale`` with ``scale`` ``[out, ngroups]`` applied to ``q`` ``[out, in]``."""
+def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      group_size: int | None = None) -> torch.Tensor:
+    """``(q - zero_point) * scale`` with ``scale`` ``[out, ngroups]`` applied to ``q`` ``[out, in]``: column
+    ``i`` uses group ``i // group_size`` (``group_size`` None: ``in / ngroups``, which must divide)."""
+    out_f, n = q.shape
     ng = scale.shape[-1]
-    qg = _grouped(q.float(), ng)
+    if group_size is None and ng > 1:
+        if n % ng:
+            raise ValueError(f"{ng} groups need a group size for {n} columns")
+        group_size = n // ng
+    if group_count(n, group_size) != ng:
+        raise ValueError(f"{ng} scale columns do not match {n} columns in groups of {group_size}")
+    qg = _grouped(q.float(), group_size if ng > 1 else None)
     if zero_point is not None:
         qg = qg - zero_point.float().unsqueeze(-1)
-    return (qg * scale.float().unsqueeze(-1)).reshape(q.shape)
+    return (qg * scale.float().unsqueeze(-1)).reshape(out_f, -1)[:, :n]
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
@@ -111,14 +141,14 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetri
     """Round-to-nearest ``w`` ``[out, in]``; ``clip`` is an optional ``[out, ngroups]`` range factor."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
-    ng = group_count(w.shape[1], group_size)
-    wg = _grouped(w.float(), ng)
+    out_f, in_f = w.shape
+    wg = _grouped(w.float(), group_size)
     c = clip.unsqueeze(-1) if isinstance(clip, torch.Tensor) else clip
     scale, zp = compute_qparams(wg, bits, symmetric, c)
-    q = quantize_values(wg, scale, zp, bits).reshape(w.shape)
+    q = quantize_values(wg, scale, zp, bits).reshape(out_f, -1)[:, :in_f].contiguous()
     return QTensor(q=q, scale=scale.squeeze(-1).contiguous(),
                    zero_point=None if zp is None else zp.squeeze(-1).contiguous(),
-                   bits=bits, group_size=None if ng == 1 else group_size, symmetric=symmetric)
+                   bits=bits, group_size=effective_group(in_f, group_size), symmetric=symmetric)
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

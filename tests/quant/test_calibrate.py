@@ -149,10 +149,12 @@ def test_rtn_without_data_and_methods_that_need_it():
         quantize_model(tiny_model("gpt2"), QuantizeConfig(method="gptq"), None, SILENT)
 
 
-def test_group_size_must_divide_in_features():
+def test_group_size_that_does_not_divide_leaves_a_partial_last_group():
     model = tiny_model("llama", hidden_size=96, intermediate_size=192, num_attention_heads=4)
-    with pytest.raises(UserError, match="does not divide"):
-        quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=64), None, SILENT)
+    res = quantize_model(model, QuantizeConfig(method="rtn", bits=4, group_size=64), None, SILENT)
+    q = res.qtensors["model.layers.0.self_attn.q_proj"]
+    assert q.scale.shape == (96, 2) and q.partial_group == 32
+    assert res.qtensors["model.layers.0.mlp.down_proj"].partial_group is None  # 192 = 3 x 64
 
 
 # ---- the stage --------------------------------------------------------------------------------------
@@ -202,9 +204,39 @@ def test_stage_user_errors(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match="fewer than"):
         STAGE.run(QuantizeConfig(method="awq", calibration=CalibrationConfig(text=short, seq_len=64)),
                   [src], tmp_path / "o2", SILENT)
-    odd = _checkpoint(tmp_path / "odd", tokenizer_dir, hidden_size=96, intermediate_size=192)
-    with pytest.raises(UserError, match="does not divide"):
-        STAGE.run(QuantizeConfig(method="rtn", group_size=64), [odd], tmp_path / "o3", SILENT)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_stage_pads_groups_that_do_not_divide_and_records_them(tmp_path, tokenizer_dir, method):
+    """hidden 96 with groups of 64 (SmolLM2's 576 with 128): a partial last group, listed in the scheme."""
+    from safetensors.torch import load_file
+
+    from llmopt.quant.rtn import quantize
+    from llmopt.stages.quantize import STAGE
+
+    src = _checkpoint(tmp_path, tokenizer_dir, hidden_size=96, intermediate_size=192)
+    out = tmp_path / "q"
+    out.mkdir()
+    cfg = QuantizeConfig(method=method, bits=4, group_size=64, calibration=CalibrationConfig(samples=4, seq_len=32))
+    meta = STAGE.run(cfg, [src], out, SILENT)
+    # q, k, v, o, gate, up have 96 inputs; down has 192 = 3 x 64
+    assert meta["partial_groups"] == {"96": {"group_size": 64, "last_group": 32, "modules": 12}}
+    assert read_scheme(out)["modules"]["model.layers.0.self_attn.q_proj"]["last_group"] == 32
+    ref = load_file(src.path / "model.safetensors")
+    from llmopt.models.loader import load_model, load_tokenizer
+    from llmopt.stages.quantize import _calibration
+
+    # streaming (RTN: tensor by tensor; GPTQ: layer by layer from disk) == the in-memory driver
+    model, _ = load_model(src.path)
+    calib = _calibration(cfg, load_tokenizer(src.path), model.config, 320)[0] if method == "gptq" else None
+    quantize_model(model, cfg, calib, SILENT)
+    held = _ids(n=2, seed=5)
+    torch.testing.assert_close(_logits(load_dequantized(out), held), _logits(model, held), rtol=1e-5, atol=1e-5)
+    if method == "rtn":  # the stream writes exactly what quantize() gives
+        qts = load_qtensors(out)
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            want = quantize(ref[f"{name}.weight"].float(), 4, 64)
+            assert torch.equal(qts[name].q, want.q) and torch.equal(qts[name].scale, want.scale)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -18,7 +18,7 @@ def _data(inp=256, out=96, tokens=2048, seed=0):
 
 
 @pytest.mark.parametrize("bits,group,sym,act_order", [
-    (4, 128, True, False), (4, 32, True, False), (4, 64, False, False), (4, 128, True, True),
+    (4, 128, True, False), (4, 96, True, False), (4, 96, False, True), (4, 32, True, False), (4, 64, False, False), (4, 128, True, True),
     (4, 32, False, True), (4, None, True, False), (8, None, True, False),
 ])
 def test_gptq_beats_rtn_on_calibration_and_heldout(bits, group, sym, act_order):
@@ -46,7 +46,7 @@ def test_qtensor_layout():
 def test_uncorrelated_inputs_reduce_to_rtn():
     """With H ∝ I no error is propagated, so GPTQ must give exactly the RTN integers and scales."""
     w, _ = _data()
-    for group, sym, ao in [(32, True, False), (64, False, True), (None, True, False)]:
+    for group, sym, ao in [(32, True, False), (64, False, True), (None, True, False), (96, True, True)]:
         qt = gptq_quantize(w, torch.eye(w.shape[1]) * 3.0, 4, group, sym, act_order=ao, block_size=48)
         ref = quantize(w, 4, group, sym)
         assert torch.equal(qt.q, ref.q)

@@ -53,9 +53,22 @@ def test_more_bits_smaller_groups_less_error():
     assert e(8, None, True) < e(4, 32, True) < e(4, 128, True) < e(4, None, True)
 
 
-def test_group_must_divide():
-    with pytest.raises(ValueError, match="does not divide"):
-        quantize(torch.randn(4, 96), 4, 64)
+@pytest.mark.parametrize("sym", [True, False])
+def test_partial_last_group_is_quantized_from_its_own_columns(sym):
+    """96 inputs in groups of 64: one full group and one of 32, each exactly as if quantized alone."""
+    w = torch.randn(8, 96)
+    qt = quantize(w, 4, 64, sym)
+    assert qt.scale.shape == (8, 2) and qt.group_size == 64 and qt.partial_group == 32
+    first, last = quantize(w[:, :64], 4, None, sym), quantize(w[:, 64:], 4, None, sym)
+    assert torch.equal(qt.q, torch.cat([first.q, last.q], 1))
+    torch.testing.assert_close(qt.scale, torch.cat([first.scale, last.scale], 1))
+    deq = torch.cat([first.dequantize(), last.dequantize()], 1)
+    torch.testing.assert_close(qt.dequantize(), deq)
+    # the format's formula, column by column: W[o, i] = (q[o, i] - z[o, i // g]) * s[o, i // g]
+    col = torch.arange(96) // 64
+    z = qt.zero_point.float()[:, col] if qt.zero_point is not None else 0.0
+    torch.testing.assert_close(qt.dequantize(), (qt.q.float() - z) * qt.scale[:, col])
+    assert quantize(w, 4, 128, sym).group_size is None  # a group wider than the row: per channel
 
 
 def test_scale_rows_is_exact():

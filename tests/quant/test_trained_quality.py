@@ -9,7 +9,8 @@ import torch
 from llmopt.metrics import summarize, token_arrays
 from llmopt.models import presets
 from llmopt.progress import SILENT
-from llmopt.quant.calibrate import _act_hook, quantize_model
+from llmopt.quant.calibrate import quantize_model
+from llmopt.quant.smoothquant import act_hook
 from llmopt.quant.capture import calibration_ids
 from llmopt.recipe import QuantizeConfig
 
@@ -49,7 +50,7 @@ def measure(trained):
             m = copy.deepcopy(model)
             res = quantize_model(m, QuantizeConfig(method=method, bits=bits, group_size=group, **kw), calib, SILENT)
             for name, qp in res.act_qparams.items():  # W8A8: Q/DQ on the activations as deployed
-                _act_hook(m.get_submodule(name), qp)
+                act_hook(m.get_submodule(name), qp)
             cache[key] = summarize([token_arrays(ref, _logits(m, wins), wins[:, 1:].reshape(-1).numpy())])
         return cache[key]
 
