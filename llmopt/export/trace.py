@@ -57,7 +57,9 @@ def aliases(model: torch.nn.Module) -> dict[str, list[str]]:
 
 def empty_model(config: Any, spec: ArchSpec, dtype: torch.dtype) -> torch.nn.Module:
     """The model with allocated but never-written CPU storage (virtual memory only until touched)."""
-    return meta_model(config, spec, dtype).to_empty(device="cpu")
+    model = meta_model(config, spec, dtype).to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives each module its own tensor; tied embeddings must stay one parameter
+    return model
 
 
 def trace(model: torch.nn.Module, opset: int, dtype: torch.dtype, input_names: list[str],
