@@ -12,33 +12,21 @@ import hashlib
 import json
 import os
 import platform
-import secrets
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata as _md
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmopt import __version__
 from llmopt.errors import UserError
+from llmopt.integrity import MANIFEST, Problem, check_files, content_files, hash_table, sha256_file, write_cache
+from llmopt.staging import PARTIAL_TAG, TRASH_TAG, commit, staging_dir, sweep_stale  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-PARTIAL_TAG = ".partial-"
-TRASH_TAG = ".trash-"
 
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_version(name: str) -> str | None:
@@ -102,70 +90,67 @@ class Artifact:
         return self.path / name
 
 
-def read_manifest(path: Path, verify_hashes: bool = False) -> dict | None:
-    """The manifest of ``path`` if it is a complete artifact, else None."""
-    mpath = Path(path) / MANIFEST
+def load_manifest(path: Path) -> dict | None:
+    """The parsed manifest of ``path`` when it has one of this schema (files not checked), else None."""
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         return None
-    for name, info in manifest.get("files", {}).items():
-        f = Path(path) / name
+    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("key"), str) \
+            or not isinstance(manifest.get("kind"), str) or not isinstance(manifest.get("inputs", []), list):
+        return None
+    return manifest
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of ``path`` if it is a complete artifact (every listed file has its size), else None."""
+    manifest = load_manifest(path)
+    if manifest is None:
+        return None
+    for name, info in manifest["files"].items():
         try:
-            if f.stat().st_size != info["bytes"]:
+            if (Path(path) / name).stat().st_size != info["bytes"]:
                 return None
-        except OSError:
-            return None
-        if verify_hashes and sha256_file(f) != info["sha256"]:
+        except (OSError, TypeError, KeyError):
             return None
     return manifest
 
 
+def problems_of(path: Path, manifest: dict, *, use_cache: bool = True) -> list[Problem]:
+    return check_files(Path(path), manifest["files"], use_cache=use_cache)
+
+
+def integrity_error(path: Path, problems: list[Problem]) -> UserError:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return UserError(f"{problems[0].line(path)}{more} — the artifact does not match its manifest",
+                     f"rerun the stage that wrote it; `llmopt verify {path}` lists every difference")
+
+
 def open_artifact(path: Path | str, kinds: tuple[str, ...] | None = None) -> Artifact:
-    """Open a committed artifact or raise a UserError that says what is wrong."""
+    """Open a committed artifact whose files match its manifest, or raise a UserError saying what is wrong."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such directory", "pass the output directory of an llmopt stage")
-    manifest = read_manifest(p)
+    if not p.is_dir():
+        raise UserError(f"{p}: is a file, not an artifact directory", "pass the output directory of an llmopt stage")
+    manifest = load_manifest(p)
     if manifest is None:
         raise UserError(f"{p}: not a complete llmopt artifact (no valid {MANIFEST})",
                         "rerun the stage that writes it")
     if kinds and manifest["kind"] not in kinds:
         raise UserError(f"{p}: is a '{manifest['kind']}' artifact, expected {' or '.join(kinds)}")
+    problems = problems_of(p, manifest)
+    if problems:
+        raise integrity_error(p, problems)
     return Artifact(p.resolve(), manifest)
 
 
 def file_table(directory: Path) -> dict:
-    files = {}
-    for f in sorted(directory.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            files[f.relative_to(directory).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-    return files
-
-
-def sweep_stale(out: Path) -> None:
-    """Remove leftovers of interrupted runs beside ``out`` (partial builds, trash)."""
-    parent = out.parent
-    if not parent.exists():
-        return
-    for tag in (PARTIAL_TAG, TRASH_TAG):
-        for stale in parent.glob(f"{out.name}{tag}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextmanager
-def staging_dir(out: Path) -> Iterator[Path]:
-    """A fresh sibling directory to build into; removed if the body raises."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}{PARTIAL_TAG}{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """{name: {sha256, bytes}} for every file of ``directory`` (content fingerprint of a source)."""
+    return {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size}
+            for n in content_files(directory)}
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -174,17 +159,6 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, directory / MANIFEST)
-
-
-def commit(staging: Path, out: Path) -> None:
-    """Move a finished staging directory into place, replacing ``out`` if it exists."""
-    if out.exists():
-        trash = out.parent / f"{out.name}{TRASH_TAG}{secrets.token_hex(4)}"
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def new_manifest(*, stage: str, kind: str, key: str, inputs: list[Artifact], config: dict,
@@ -197,7 +171,7 @@ def new_manifest(*, stage: str, kind: str, key: str, inputs: list[Artifact], con
         "key": key,
         "inputs": [{"path": str(a.path), "key": a.key, "kind": a.kind} for a in inputs],
         "config": config,
-        "files": file_table(directory),
+        "files": _hash_and_cache(directory),
         "metadata": metadata,
         "environment": environment(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -205,17 +179,40 @@ def new_manifest(*, stage: str, kind: str, key: str, inputs: list[Artifact], con
     }
 
 
+def _hash_and_cache(directory: Path) -> dict:
+    """The file table of a staging directory; the hashes also seed its verified-hash cache."""
+    files, cache = hash_table(directory)
+    write_cache(directory, cache)
+    return files
+
+
+def ancestor(ref: Any) -> tuple[Artifact | None, str]:
+    """The artifact an ``inputs`` entry points at, or None and why it is not reachable."""
+    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str):
+        return None, "malformed input entry"
+    p = Path(ref["path"])
+    manifest = load_manifest(p)
+    if manifest is None:
+        return None, "not reachable (no artifact at that path)"
+    if manifest["key"] != ref.get("key"):
+        return None, "not reachable (replaced by a different build)"
+    return Artifact(p, manifest), "ok"
+
+
 def lineage(artifact: Artifact) -> list[Artifact]:
-    """This artifact and its ancestors, following the first input of each manifest."""
+    """This artifact and its reachable ancestors (first input of each manifest), each checked against its
+    manifest: a reachable ancestor whose files changed is a UserError, an unreachable one ends the chain."""
     chain = [artifact]
     seen = {artifact.key}
     current = artifact
     while current.manifest.get("inputs"):
-        ref = current.manifest["inputs"][0]
-        manifest = read_manifest(Path(ref["path"]))
-        if manifest is None or manifest["key"] != ref["key"] or manifest["key"] in seen:
+        found, _ = ancestor(current.manifest["inputs"][0])
+        if found is None or found.key in seen:
             break
-        current = Artifact(Path(ref["path"]), manifest)
+        problems = problems_of(found.path, found.manifest)
+        if problems:
+            raise integrity_error(found.path, problems)
+        current = found
         seen.add(current.key)
         chain.append(current)
     return chain

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -82,9 +83,12 @@ def load_cmd(source: Annotated[str, typer.Argument(help="Local HF checkpoint dir
     from llmopt.runner import run_stage
     from llmopt.stages import load
 
+    from llmopt.preflight import check_source
+
     _quiet_libraries()
     if not source.startswith("preset:"):
         source = str(Path(source).resolve())
+        check_source(Path(source))
     cfg = validated(LoadConfig, {"source": source, "dtype": dtype, "max_shard_gb": max_shard_gb}, "load")
     run = run_stage(load.STAGE, cfg, [], output, force=force, progress=_progress(), log=_log)
     emit(_stage_result(run), as_json)
@@ -190,11 +194,18 @@ def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONN
                                   "hardware_compat": hardware_compat, "version_compatible": version_compatible,
                                   "envelope": env}, "build")
     src = open_artifact(onnx_dir, ("onnx",))
+    from llmopt.preflight import check_envelope_against_lineage
+
+    check_envelope_against_lineage(cfg.envelope.total_len[2], src)
     run = run_stage(build.STAGE, cfg, [src], output, force=force, progress=_progress(), log=_log)
     emit(_stage_result(run), as_json)
 
 
-def _gates(items: Optional[list[str]]) -> dict:
+def _gates(items: Optional[list[str]], no_gates: bool) -> dict | str:
+    if no_gates or [i.strip().lower() for i in items or []] == ["none"]:
+        if no_gates and items:
+            raise UserError("--no-gates and --gate together: choose one")
+        return "none"
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -214,7 +225,10 @@ def validate_cmd(engine: Annotated[Path, typer.Argument(help="Engine (or ONNX) a
                  eval_text: Annotated[Optional[Path], typer.Option(help="Evaluation text (default: shipped eval text).")] = None,
                  decode_tokens: Annotated[int, typer.Option(help="Greedy tokens per prompt.")] = 32,
                  eval_tokens: Annotated[int, typer.Option(help="Teacher-forced tokens.")] = 2048,
-                 gate: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE gate (repeatable), e.g. min_top1_agreement=0.98.")] = None,
+                 gate: Annotated[Optional[list[str]], typer.Option(
+                     help="NAME=VALUE gate (repeatable) over the artifact's default gates, e.g. min_top1_agreement=0.98; "
+                          "'none' = --no-gates.")] = None,
+                 no_gates: Annotated[bool, typer.Option("--no-gates", help="Report numbers only, gate nothing (UNGATED).")] = False,
                  force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """Compare an artifact with its PyTorch checkpoint: logits, top-1, KL, perplexity, greedy decoding."""
     from llmopt.artifact import open_artifact
@@ -225,7 +239,7 @@ def validate_cmd(engine: Annotated[Path, typer.Argument(help="Engine (or ONNX) a
     _quiet_libraries()
     cfg = validated(ValidateConfig, {"eval_text": str(eval_text.resolve()) if eval_text else None,
                                      "decode_tokens": decode_tokens, "eval_tokens": eval_tokens,
-                                     "gates": _gates(gate)}, "validate")
+                                     "gates": _gates(gate, no_gates)}, "validate")
     art = open_artifact(engine, ("engine", "onnx"))
     ref = open_artifact(reference, ("checkpoint",)) if reference else None
     out = output or art.path.parent / f"{art.path.name}.report"
@@ -234,16 +248,18 @@ def validate_cmd(engine: Annotated[Path, typer.Argument(help="Engine (or ONNX) a
 
 
 def _finish_validation(report_art, as_json: bool, payload: dict) -> None:  # noqa: ANN001
-    from llmopt.validate_report import check_line
+    from llmopt.validate_report import check_line, failures, verdict
 
     md = report_art.metadata
     c = console()
+    if md.get("gates"):
+        c.print(f"gates: {md['gates']['source']}", markup=False, highlight=False)
     for check in md["checks"]:
         c.print(check_line(check), markup=False, highlight=False)
-    c.print(f"[bold]{'PASSED' if md['passed'] else 'FAILED'}[/] — report: {report_art.path / 'report.md'}")
-    emit(payload | {"passed": md["passed"]}, as_json)
+    c.print(f"[bold]{verdict(md)}[/] — report: {report_art.path / 'report.md'}")
+    emit(payload | {"passed": md["passed"], "gated": md.get("gates", {}).get("gated", True)}, as_json)
     if not md["passed"]:
-        raise GateFailed([ch["name"] for ch in md["checks"] if ch["passed"] is False])
+        raise GateFailed(failures(md["checks"]))
 
 
 @app.command("convert")
@@ -275,27 +291,33 @@ def convert_cmd(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
 @app.command("generate")
 def generate_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or checkpoint artifact.")],
                  prompt: Annotated[list[str], typer.Option(help="Prompt text (repeatable: a batch).")],
-                 max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+                 chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template to the prompt.")] = False,
+                 system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
+                 max_new_tokens: Annotated[int, typer.Option(help="At most this many new tokens.")] = 256,
+                 stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
+                 temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default: the model's generation config).")] = None,
+                 top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens (0 = all).")] = None,
+                 top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1 = all).")] = None,
+                 repetition_penalty: Annotated[Optional[float], typer.Option(help=">1 discourages repeated tokens.")] = None,
+                 seed: Annotated[Optional[int], typer.Option(help="Random seed: same seed, same text.")] = None,
+                 threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads.")] = None,
                  as_json: JsonOpt = False) -> None:
-    """Greedy generation through the artifact with its KV cache."""
-    from llmopt.artifact import lineage, open_artifact
-    from llmopt.models.loader import load_tokenizer
-    from llmopt.runtime.generate import greedy
-    from llmopt.runtime.open import open_session
+    """Generate text through the artifact and its KV cache; stops at the model's eos ids and --stop strings."""
+    from llmopt.generate_cmd import GenerateRequest, default_stream, run_generate
 
     _quiet_libraries()
-    art = open_artifact(engine)
-    ckpt = next((a for a in lineage(art) if a.kind == "checkpoint"), None)
-    tok = load_tokenizer(ckpt.path) if ckpt else None
-    if tok is None:
-        raise UserError(f"{engine}: no tokenizer found in its lineage", "load a checkpoint that has tokenizer files")
-    session = open_session(art)
-    g = greedy(session, [tok(p)["input_ids"] for p in prompt], max_new_tokens)
-    texts = [tok.decode(row.tolist()) for row in g.tokens]
-    for p, t in zip(prompt, texts):
-        console().print(f"[bold]{p}[/]{t}", highlight=False)
-    emit({"prompts": prompt, "completions": texts, "tokens": g.tokens.tolist(), "prefill_ms": g.prefill_s * 1e3,
-          "decode_ms_median": g.decode_ms_median}, as_json)
+    if any(not p.strip() for p in prompt):
+        raise UserError("--prompt is empty", "give the text the model should continue, e.g. --prompt 'The file'")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    req = GenerateRequest(prompts=list(prompt), max_new_tokens=max_new_tokens, chat=chat, system=system,
+                          stop=tuple(stop or ()), temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, threads=threads)
+    result = run_generate(engine, req, stream=default_stream(as_json, STATE["quiet"]), log=_log)
+    t = result["timings"]
+    console().print(f"[dim]{result['finish_reason']} · {t['generated_tokens']} tokens · first token "
+                    f"{t['time_to_first_token_ms']:.0f} ms · {t['decode_tokens_per_s'] or 0:.1f} tokens/s[/]", highlight=False)
+    emit(result, as_json)
 
 
 @app.command("bench")
@@ -321,7 +343,8 @@ def bench_cmd(engine: Annotated[Path, typer.Argument(help="Engine, ONNX or check
                       profile=profile)
     baselines = [] if no_baseline else list(baseline or BASELINES)
     c = console()
-    report = bench(engine, baselines, cfg, log=lambda m: None if STATE["quiet"] else c.print(f"… {m}", highlight=False))
+    report = bench(engine, baselines, cfg, log=lambda m: None if STATE["quiet"] else c.print(f"… {m}", highlight=False),
+                   baselines_required=baseline is not None)
     render(report, c)
     emit(report, as_json)
 
@@ -376,6 +399,20 @@ def inspect_cmd(directory: Annotated[Path, typer.Argument(help="Artifact directo
     emit(info, as_json)
 
 
+@app.command("verify")
+def verify_cmd(directory: Annotated[Path, typer.Argument(help="Artifact directory.")], as_json: JsonOpt = False) -> None:
+    """Check an artifact and its whole lineage file by file (size and sha256) against their manifests."""
+    from llmopt.verify import render, verify
+
+    info = verify(directory)
+    render(info, console())
+    emit(info, as_json)
+    if not info["ok"]:
+        bad = next(e for e in info["artifacts"] if e["status"] == "mismatch")
+        raise UserError(f"{bad['problems'][0]} — does not match its manifest",
+                        "rerun the stage that wrote it (llmopt convert rebuilds it)")
+
+
 @app.command("doctor")
 def doctor_cmd(as_json: JsonOpt = False) -> None:
     """Versions, ONNX Runtime providers that actually load, TensorRT and GPU status."""
@@ -403,8 +440,36 @@ def _error(text: str) -> None:
     sys.stderr.flush()
 
 
+def _on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001
+    from llmopt.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored signal stays ignored (nohup, CI runners)
+            previous[sig] = signal.signal(sig, _on_signal)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 user error, 2 gate failed)."""
+    """Run the CLI; returns the exit code: 0 ok, 1 user error, 2 gate failed, 130 interrupted, 70 a bug."""
+    try:
+        previous = _install_signal_handlers()
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    from llmopt.errors import BUG_EXIT, INTERRUPTED_EXIT, Interrupted, environment_error
+
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="llmopt")
         return rv if isinstance(rv, int) else 0
@@ -415,13 +480,27 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"error: {exc}")
         return 1
     except GateFailed as exc:
-        _error(f"validation failed: {', '.join(exc.failed)}")
+        _error(f"validation failed: {'; '.join(exc.failed)}")
         return 2
+    except Interrupted as exc:
+        _error(f"interrupted ({signal.Signals(exc.signum).name}): nothing was committed, partial output removed")
+        return exc.exit_code
     except (*_click_errors("Abort"), KeyboardInterrupt):
-        _error("aborted")
-        return 130
+        _error("interrupted: nothing was committed, partial output removed")
+        return INTERRUPTED_EXIT
     except _click_errors("Exit") as exc:
         return exc.exit_code  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - the one place that tells user errors from bugs
+        user = environment_error(exc)
+        if user is not None:
+            _error(f"error: {user}")
+            return 1
+        import traceback
+
+        traceback.print_exc()
+        _error(f"llmopt: internal error ({type(exc).__name__}); this is a bug, please report it with the "
+               f"traceback above (exit {BUG_EXIT})")
+        return BUG_EXIT
 
 
 if __name__ == "__main__":

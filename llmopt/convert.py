@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 from llmopt.errors import GateFailed, UserError
+from llmopt.preflight import preflight
 from llmopt.progress import Progress
 from llmopt.recipe import STAGES, Recipe, dump_recipe
 from llmopt.runner import Log, StageRun, run_stage, validation_inputs
 from llmopt.stages import build, export, load, validate
+from llmopt.workdir import locked_workdir
 
 DIRS = {"load": "checkpoint", "quantize": "quantized", "export": "onnx", "build": "engine", "validate": "report"}
 
@@ -22,7 +24,6 @@ def plan(recipe: Recipe) -> list[str]:
 
 
 def save_resolved(recipe: Recipe, workdir: Path) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "recipe.resolved.yaml"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(dump_recipe(recipe))
@@ -35,6 +36,13 @@ def convert(recipe: Recipe, workdir: Path, *, from_stage: str | None = None, for
     stages = plan(recipe)
     if from_stage is not None and from_stage not in stages:
         raise UserError(f"--from {from_stage}: not a stage of this recipe", f"stages: {', '.join(stages)}")
+    preflight(recipe, workdir, stages)
+    with locked_workdir(workdir):
+        return _run(recipe, workdir, stages, from_stage, force, progress, log)
+
+
+def _run(recipe: Recipe, workdir: Path, stages: list[str], from_stage: str | None, force: bool,
+         progress: Progress, log: Log) -> dict:
     save_resolved(recipe, workdir)
     forced_from = stages.index(from_stage) if from_stage else (0 if force else len(stages))
     runs: dict[str, StageRun] = {}
@@ -65,6 +73,7 @@ def convert(recipe: Recipe, workdir: Path, *, from_stage: str | None = None, for
         md = runs["validate"].artifact.metadata
         result["validation"] = {"passed": md["passed"], "checks": md["checks"]}
         if not md["passed"]:
-            failed = [c["name"] for c in md["checks"] if c["passed"] is False]
-            raise GateFailed(failed, result)
+            from llmopt.validate_report import failures
+
+            raise GateFailed(failures(md["checks"]), result)
     return result

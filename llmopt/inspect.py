@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from llmopt.artifact import lineage, open_artifact
+from llmopt.readers import check_io_json
 
 
 def describe(directory: Path) -> dict:
@@ -21,9 +21,8 @@ def describe(directory: Path) -> dict:
         "files": m["files"], "bytes": sum(f["bytes"] for f in m["files"].values()),
         "lineage": [{"stage": a.stage, "kind": a.kind, "path": str(a.path), "key": a.key} for a in lineage(art)],
     }
-    io_path = art.path / "io.json"
-    if io_path.exists():
-        info["io"] = json.loads(io_path.read_text())
+    if (art.path / "io.json").exists():
+        info["io"] = check_io_json(art.path)
     info["next_stage_estimate"] = next_stage_estimate(art)
     return info
 
@@ -54,8 +53,9 @@ def render(info: dict, console: Console) -> None:
         for x in io["inputs"][:5] + io["outputs"][:3]:
             t.add_row(x["name"], x["dtype"], str(x["shape"]))
         console.print(t)
-        console.print(f"{io['num_layers']} layers, {io['num_heads']} heads / {io['num_kv_heads']} KV heads, "
-                      f"head_dim {io['head_dim']}, vocab {io['vocab_size']}, KV layout {io['kv_layout']}")
+        g = lambda k: io.get(k, "?")  # noqa: E731
+        console.print(f"{g('num_layers')} layers, {g('num_heads')} heads / {g('num_kv_heads')} KV heads, "
+                      f"head_dim {g('head_dim')}, vocab {g('vocab_size')}, KV layout {g('kv_layout')}")
     res = info["metadata"].get("resources")
     if res:
         m, e = res["measured"], res.get("estimate")

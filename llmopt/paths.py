@@ -1,27 +1,54 @@
-"""Path helpers for names that come from files users hand us (shard indexes, manifests)."""
+"""Path rules: a name read from a file never leaves its directory; outputs never overlap inputs."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from llmopt.errors import UserError
 
 
-def safe_join(base: Path, name: str, what: str = "file name") -> Path:
-    """``base / name`` for a plain relative ``name`` that stays inside ``base``; a user error otherwise.
+def safe_join(base: Path, name: object, what: str = "file") -> Path:
+    """``base / name`` for a relative ``name`` read from a file, refusing anything that leaves ``base``.
 
-    Refuses absolute names, ``..`` components, empty names and names resolving outside ``base``
-    (through a symlink, say), so an index or manifest cannot point llmopt at files elsewhere.
+    Refused: non-strings, empty names, absolute paths, ``..`` components, NUL bytes, and names whose
+    resolved location (symlinks followed) is outside ``base``.
     """
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise UserError(f"{base}: invalid {what} {name!r}", "the checkpoint's metadata is corrupt")
-    p = Path(name)
-    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")):
+    base = Path(base)
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise UserError(f"{base}: {what} name {name!r} is not a plain relative file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts:
         raise UserError(f"{base}: {what} {name!r} points outside the directory",
-                        "the checkpoint's metadata may be corrupt or malicious; re-download it")
-    joined = Path(base) / p
-    root = Path(base).resolve()
-    if not joined.resolve().is_relative_to(root):
-        raise UserError(f"{base}: {what} {name!r} resolves outside the directory",
-                        "the checkpoint's metadata may be corrupt or malicious; re-download it")
+                        "a name read from a file must stay inside that file's directory")
+    joined = base / pure
+    root = base.resolve()
+    if not is_within(joined.resolve(), root):
+        raise UserError(f"{base}: {what} {name!r} resolves outside the directory (symbolic link)",
+                        "a name read from a file must stay inside that file's directory")
     return joined
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """True when ``path`` is ``root`` or inside it (both already resolved)."""
+    return path == root or root in path.parents
+
+
+def overlap(a: Path, b: Path) -> str | None:
+    """How two resolved paths overlap: 'is', 'is inside', 'contains', or None."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_output(out: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output directory equal to, inside, or containing any input (replacing it would destroy it)."""
+    out = Path(out).resolve()
+    for what, p in inputs:
+        rel = overlap(out, Path(p).resolve())
+        if rel is not None:
+            raise UserError(f"{out}: output {rel} the {what} {p}",
+                            "write the output to a directory outside every input")

@@ -134,11 +134,13 @@ class ValidateConfig(Strict):
     eval_tokens: int = Field(2048, ge=16)
     decode_tokens: int = Field(32, ge=1)
     prompts: list[str] | None = None
-    gates: Gates = Gates()
+    gates: Gates | Literal["none"] = Field(
+        Gates(), description="unset gates take the default for the artifact (llmopt/gates.py); 'none' disables gating")
 
 
 class Recipe(Strict):
-    name: str = "recipe"
+    name: str = Field("recipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="names the default work directory work/NAME: letters, digits, . _ - only")
     model: LoadConfig
     quantize: QuantizeConfig | None = None
     export: ExportConfig = ExportConfig()
@@ -189,7 +191,10 @@ class RecipeError(UserError):
 
 
 def parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except (yaml.YAMLError, RecursionError):
+        raise UserError(f"--set value {text!r}: not a valid YAML value", "quote it, e.g. --set name='\"x\"'") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -199,6 +204,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise UserError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set quantize.bits=8")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError(f"--set {key!r}: empty field name", "e.g. --set quantize.bits=8")
         node = data
         for p in parts[:-1]:
             if node.get(p) is None:
@@ -229,18 +236,70 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     return data
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 16
+
+
+MAX_NODES = 100_000
+
+
+def _too_complex(value: Any) -> str | None:
+    """Why parsed YAML is not a plausible recipe: nested deeper than MAX_DEPTH, or more than MAX_NODES values
+    once aliases are expanded (an alias bomb expands to billions); None when it is fine."""
+    stack = [(value, 1)]
+    seen = 0
+    while stack:
+        v, d = stack.pop()
+        seen += 1
+        if d > MAX_DEPTH:
+            return f"nested too deeply (a recipe has at most {MAX_DEPTH} levels)"
+        if seen > MAX_NODES:
+            return f"too many values ({MAX_NODES}+ once YAML aliases are expanded)"
+        if isinstance(v, dict):
+            stack += [(x, d + 1) for x in v.values()]
+        elif isinstance(v, list):
+            stack += [(x, d + 1) for x in v]
+    return None
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe file as text, or a UserError: missing, a directory, too big, not UTF-8, unreadable."""
+    if not path.exists():
+        raise UserError(f"{path}: recipe not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a recipe file", "pass the recipe's .yaml file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe not found") from None
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (limit 1 MiB)")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})", "save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+
+
+def parse_recipe_yaml(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}") from None
+        raise UserError(f"{source}: not valid YAML{where}") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply (a recipe has at most {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping with sections {', '.join(('name', 'model') + STAGES[1:])}")
+        raise UserError(f"{source}: a recipe is a YAML mapping with sections {', '.join(('name', 'model') + STAGES[1:])}")
+    why = _too_complex(data)
+    if why:
+        raise UserError(f"{source}: {why}")
+    if any(not isinstance(k, str) for k in data):
+        raise UserError(f"{source}: section names must be strings")
+    return data
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    data = parse_recipe_yaml(read_recipe_text(path), str(path))
     data = apply_overrides(data, overrides or [])
     data = _resolve_paths(data, path.parent.resolve())
     try:

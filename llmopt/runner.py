@@ -9,11 +9,15 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from llmopt.artifact import (Artifact, cache_key, commit, file_table, lineage, new_manifest, read_manifest,
-                             staging_dir, sweep_stale, write_manifest)
-from llmopt import resources
+from llmopt import faults, resources
+
+from llmopt.artifact import (Artifact, cache_key, commit, file_table, lineage, load_manifest, new_manifest,
+                             problems_of, staging_dir, sweep_stale, write_manifest)
 from llmopt.errors import UserError
+from llmopt.integrity import content_files
 from llmopt.models import presets
+from llmopt.paths import check_output
+from llmopt.readers import reading
 from llmopt.progress import SILENT, Progress
 from llmopt.stages.base import Stage
 
@@ -37,7 +41,7 @@ def _fingerprint(value: Any) -> Any:
     if isinstance(value, str) and value.startswith("/"):
         p = Path(value)
         if p.is_file():
-            from llmopt.artifact import sha256_file
+            from llmopt.integrity import sha256_file
 
             return {"path": value, "sha256": sha256_file(p)}
         if p.is_dir():
@@ -51,8 +55,50 @@ def key_for(stage: Stage, config: BaseModel, inputs: list[Artifact]) -> tuple[st
     default = stage.default_file(config)
     if default is not None and default.exists():
         described["default_text"] = _fingerprint(str(default))
+    extra = stage.key_extra(config, inputs)
+    if extra is not None:
+        described["extra"] = extra
     key = cache_key(stage.name, stage.version, described, [a.key for a in inputs], list(stage.packages))
     return key, resolved
+
+
+def _config_paths(value: Any) -> list[Path]:
+    """Every existing absolute path named in a resolved config."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _config_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _config_paths(v)]
+    if isinstance(value, str) and value.startswith("/") and Path(value).exists():
+        return [Path(value)]
+    return []
+
+
+def existing_output(out: Path) -> dict | None:
+    """The manifest of an llmopt artifact at ``out``; None when ``out`` is absent or an empty directory.
+
+    Anything else is refused, with or without --force: llmopt replaces only directories it wrote, and
+    only when they hold nothing but the files their manifest lists.
+    """
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is a file, not an artifact directory", "choose another output directory")
+    manifest = load_manifest(out)
+    if manifest is None:
+        if any(out.iterdir()):
+            raise UserError(f"{out}: exists and is not an llmopt artifact; llmopt never replaces a directory it did "
+                            "not write", "choose another output directory, or move its contents away yourself")
+        return None
+    extra = [n for n in content_files(out) if n not in manifest["files"]]
+    if extra:
+        raise UserError(f"{out}: holds {out / extra[0]}, which llmopt did not write", "move it away or choose "
+                        "another output directory")
+    return manifest
+
+
+def _read_from(config: BaseModel, inputs: list[Artifact]) -> Path | str:
+    """What a stage reads (for messages): its first input artifact, else its source."""
+    return inputs[0].path if inputs else getattr(config, "source", "input")
 
 
 def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path, *, force: bool = False,
@@ -62,13 +108,16 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
             raise UserError(f"{art.path}: is a '{art.kind}' artifact; {stage.name} needs {' or '.join(stage.input_kinds)}")
     out = Path(out).resolve()
     key, resolved = key_for(stage, config, inputs)
-    existing = read_manifest(out)
+    check_output(out, [("input", a.path) for a in inputs] + [("file named in the config", p)
+                                                            for p in _config_paths(resolved)])
+    existing = existing_output(out)
     if existing is not None and existing["key"] == key and not force:
-        log(f"[green]✓[/] {stage.name}: up to date, reusing {out} (key {key[:12]})")
-        return StageRun(Artifact(out, existing), reused=True)
-    if out.exists() and existing is None and any(out.iterdir()) and not force:
-        raise UserError(f"{out}: exists and is not an llmopt artifact", "choose another output directory or pass --force")
-    if existing is not None:
+        problems = problems_of(out, existing)
+        if not problems:
+            log(f"[green]✓[/] {stage.name}: up to date, reusing {out} (key {key[:12]})")
+            return StageRun(Artifact(out, existing), reused=True)
+        log(f"[yellow]↻[/] {stage.name}: rebuilding {out} ({problems[0].line(out)})")
+    elif existing is not None:
         why = "--force" if force and existing["key"] == key else "inputs or config changed"
         log(f"[yellow]↻[/] {stage.name}: rebuilding {out} ({why})")
     estimate = stage.estimate(config, inputs)
@@ -76,13 +125,16 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
     sweep_stale(out)
     started = time.time()
     with staging_dir(out) as tmp:
-        with resources.measure(estimate) as usage:
+        faults.point(stage.name, "staged")
+        with reading(_read_from(config, inputs), "input" if inputs else "source"), resources.measure(estimate) as usage:
             metadata = stage.run(config, inputs, tmp, progress)
         metadata = {**metadata, "resources": usage.record(tmp)}
+        faults.point(stage.name, "ran")
         manifest = new_manifest(stage=stage.name, kind=stage.kind, key=key, inputs=inputs, config=resolved,
                                 metadata=metadata, directory=tmp, started=started, finished=time.time())
         write_manifest(tmp, manifest)
-        commit(tmp, out)
+        faults.point(stage.name, "manifest")
+        commit(tmp, out, on_swap=lambda: faults.point(stage.name, "swapped"))
     log(f"[green]✓[/] {stage.name}: wrote {out} in {manifest['duration_s']:.1f}s")
     return StageRun(Artifact(out, manifest), reused=False)
 

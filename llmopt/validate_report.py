@@ -57,10 +57,33 @@ def check_line(c: dict) -> str:
     return f"{mark} [{c['section']}] {c['name']}{value}{limit}"
 
 
+def failures(checks: list[dict]) -> list[str]:
+    """One short phrase per failed check: the gate and by how much, e.g. 'top-1 agreement 0.002 < 0.93'."""
+    out = []
+    for c in checks:
+        if c["passed"] is not False:
+            continue
+        if c["op"] == "ok":
+            out.append(c["name"])
+        else:
+            op = "<" if c["op"] == ">=" else ">"
+            out.append(f"{c['name']} {_fmt(c['value'])} {op} {_fmt(c['threshold'])}")
+    return out
+
+
+def verdict(report: dict) -> str:
+    """PASSED / FAILED, or UNGATED when gating was explicitly turned off (numbers only)."""
+    if not report["passed"]:
+        return "FAILED"
+    return "PASSED" if report.get("gates", {}).get("gated", True) else "UNGATED"
+
+
 def render_markdown(report: dict) -> str:
-    lines = [f"# Validation report: {'PASSED' if report['passed'] else 'FAILED'}", "",
+    gates = report.get("gates", {})
+    lines = [f"# Validation report: {verdict(report)}", "",
              f"- artifact: `{report['artifact']}` ({report['backend']}, {report['artifact_bytes'] / 1e6:.1f} MB)", ""]
-    lines += ["## Checks", ""] + [f"- {check_line(c)}" for c in report["checks"]] + [""]
+    lines += ["## Checks", ""] + ([f"Gates: {gates['source']}.", ""] if gates else []) \
+        + [f"- {check_line(c)}" for c in report["checks"]] + [""]
     for name in ("conversion", "quantization"):
         if name not in report:
             continue

@@ -69,6 +69,17 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     return Result(True, times[0] - t0, list(np.diff(times)), len(times))
 
 
+def server_counters(url: str) -> dict[str, float]:
+    """Decode-step counters from /metrics: how many steps, their total time, how many rows they ran."""
+    want = ("llmopt_decode_step_seconds_sum", "llmopt_decode_step_seconds_count", "llmopt_decode_batch_size_sum")
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in want:
+            out[name] = float(value)
+    return out
+
+
 async def run_level(url: str, model: str, concurrency: int, requests: int, prompt_tokens: int, new: int,
                     vocab: int, stagger_s: float, timeout: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
@@ -79,9 +90,13 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, promp
             await asyncio.sleep(stagger_s * i / concurrency)
             return [await one_request(client, url, model, p, new, timeout) for p in prompts[i]]
 
+        before = server_counters(url)
         t0 = time.perf_counter()
         per_client = await asyncio.gather(*(worker(i) for i in range(concurrency)))
         wall = time.perf_counter() - t0
+        after = server_counters(url)
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    steps, step_s = d["llmopt_decode_step_seconds_count"], d["llmopt_decode_step_seconds_sum"]
     results = [r for rs in per_client for r in rs]
     good = [r for r in results if r.ok]
     ttft = np.array([r.ttft for r in good]) * 1e3
@@ -91,7 +106,10 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, promp
             "errors": sorted({r.error for r in results if not r.ok})[:3], "wall_s": wall,
             "output_tok_s": sum(r.tokens for r in good) / wall,
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
-            "itl_ms_p50": pct(gaps, 50), "itl_ms_p99": pct(gaps, 99)}
+            "itl_ms_p50": pct(gaps, 50), "itl_ms_p99": pct(gaps, 99),
+            "decode_steps": steps, "mean_decode_batch": d["llmopt_decode_batch_size_sum"] / steps if steps else 0.0,
+            "mean_decode_step_ms": step_s / steps * 1e3 if steps else 0.0,
+            "decode_tok_s_in_steps": d["llmopt_decode_batch_size_sum"] / step_s if step_s else 0.0}
 
 
 def start_server(engine: str, max_batch: int | None, extra: list[str]) -> tuple[subprocess.Popen, dict]:
@@ -115,11 +133,13 @@ def cpu_name() -> str:
 
 def table(levels: list[dict], base: dict) -> str:
     rows = ["| concurrency | requests | failed | output tok/s | × c=1 | TTFT p50 ms | TTFT p99 ms | p99 TTFT × c=1 | "
-            "ITL p50 ms | ITL p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "ITL p50 ms | ITL p99 ms | mean decode batch | decode step ms | decode tok/s in steps |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in levels:
         rows.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['failed']} | {lv['output_tok_s']:.1f} | "
                     f"{lv['output_tok_s'] / base['output_tok_s']:.2f} | {lv['ttft_ms_p50']:.0f} | {lv['ttft_ms_p99']:.0f} | "
-                    f"{lv['ttft_ms_p99'] / base['ttft_ms_p99']:.2f} | {lv['itl_ms_p50']:.1f} | {lv['itl_ms_p99']:.1f} |")
+                    f"{lv['ttft_ms_p99'] / base['ttft_ms_p99']:.2f} | {lv['itl_ms_p50']:.1f} | {lv['itl_ms_p99']:.1f} | "
+                    f"{lv['mean_decode_batch']:.1f} | {lv['mean_decode_step_ms']:.1f} | {lv['decode_tok_s_in_steps']:.0f} |")
     return "\n".join(rows)
 
 

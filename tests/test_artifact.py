@@ -36,15 +36,17 @@ def test_truncated_file_invalidates_manifest(tmp_path):
     _make(tmp_path)
     (tmp_path / "a.bin").write_bytes(b"ab")
     assert read_manifest(tmp_path) is None
-    with pytest.raises(UserError, match="not a complete llmopt artifact"):
+    with pytest.raises(UserError, match=r"a\.bin: size 2 bytes, manifest says 3"):
         open_artifact(tmp_path)
 
 
-def test_hash_verification_catches_same_size_corruption(tmp_path):
+def test_open_catches_same_size_corruption(tmp_path):
     _make(tmp_path)
+    open_artifact(tmp_path)
     (tmp_path / "a.bin").write_bytes(b"xyz")
-    assert read_manifest(tmp_path) is not None
-    assert read_manifest(tmp_path, verify_hashes=True) is None
+    assert read_manifest(tmp_path) is not None  # sizes match: only the hash tells
+    with pytest.raises(UserError, match=r"a\.bin: sha256 differs from the manifest"):
+        open_artifact(tmp_path)
 
 
 def test_directory_without_manifest_is_not_an_artifact(tmp_path):

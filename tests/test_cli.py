@@ -93,7 +93,10 @@ def test_validate_gate_failure_exits_2_and_keeps_report(cli, tiny_onnx, tmp_path
 def test_generate_prints_completion(cli, tiny_onnx):
     r = cli("generate", tiny_onnx, "--prompt", "The file", "--max-new-tokens", "5", "--json")
     assert r.code == 0, r.err
-    assert len(r.json()["tokens"][0]) == 5
+    out = r.json()
+    assert out["finish_reason"] in ("stop", "length")
+    assert len(out["token_ids"]) == 5 or (out["finish_reason"] == "stop" and out["token_ids"][-1] in out["eos_ids"])
+    assert out["text"] in r.err  # streamed to stderr while stdout holds the JSON
 
 
 def test_default_eval_text_content_is_in_the_key(monkeypatch, tmp_path, tiny_onnx):

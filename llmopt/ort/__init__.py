@@ -12,8 +12,12 @@ KV tensors are one preallocated buffer of ``kv_capacity`` positions per layer: t
 same OrtValue as ``past_key_values.i.*`` and ``present.i.*``, so a decode step writes one position and
 reads the cache in place, never concatenating or repeating it. The graph inputs become
 
-    input_ids [batch, seq] · seqlens_k int32 [batch] (tokens in the cache after this step - 1)
-    · total_sequence_length int32 [1] (max over the batch of seqlens_k + 1) · past_key_values.* [batch, kv_heads, kv_capacity, head_dim]
+    input_ids [batch, seq] · attention_mask int64 [batch, total] · past_key_values.* [batch, kv_heads, kv_capacity, head_dim]
+
+ONNX Runtime GenAI's inputs: as its builder does, the graph derives GroupQueryAttention's seqlens_k
+(ReduceSum(attention_mask, axis 1) - 1, int32: tokens in the cache after this step - 1) and
+total_sequence_length (Shape(attention_mask)[1], int32) from the mask; ``genai_config.py`` writes the
+``genai_config.json`` that lets ``onnxruntime_genai.Model(engine_dir)`` run the engine.
 
 and the rows of a batch are right-padded (each row's tokens start at cache position 0; the session
 compacts a left-padded batch). The rotary cos/sin tables are computed by running the export's own

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from llmopt.ort.graph import MS_DOMAIN, RewriteUnsupported, _attr, _Index, _opset, prune
 from llmopt.ort.store import IN_MEMORY, TensorStore
 
-SEQLENS_K = "seqlens_k"
+MASK = "attention_mask"
+SEQLENS_K = "seqlens_k"                 # derived inside the graph from attention_mask (no longer graph inputs)
 TOTAL_SEQ = "total_sequence_length"
 CAPACITY_DIM = "kv_capacity"
 
@@ -178,6 +179,25 @@ def rotary_tables(model: onnx.ModelProto, cos: str, sin: str, positions_input: s
     c, s = c.reshape(capacity, -1), s.reshape(capacity, -1)
     return np.ascontiguousarray(c), np.ascontiguousarray(s)
 
+def _mask_reformat_nodes() -> list[onnx.NodeProto]:
+    """seqlens_k and total_sequence_length from the 2-D attention_mask, as GenAI's builder derives them:
+    ReduceSum(mask, axis 1) - 1 → int32, and Shape(mask)[1] → int32 (a scalar)."""
+    base = "/model/attn_mask_reformat/attn_mask_subgraph"
+    one = f"{base}/one"
+    axes = f"{base}/axes"
+    return [
+        helper.make_node("Constant", [], [one], name=f"{base}/One", value=numpy_helper.from_array(np.array(1, np.int64))),
+        helper.make_node("Constant", [], [axes], name=f"{base}/Axes", value=numpy_helper.from_array(np.array([1], np.int64))),
+        helper.make_node("ReduceSum", [MASK, axes], [f"{base}/ReduceSum/output_0"], name=f"{base}/ReduceSum", keepdims=0),
+        helper.make_node("Sub", [f"{base}/ReduceSum/output_0", one], [f"{base}/Sub/output_0"], name=f"{base}/Sub"),
+        helper.make_node("Cast", [f"{base}/Sub/output_0"], [SEQLENS_K], name=f"{base}/Sub/Cast", to=TensorProto.INT32),
+        helper.make_node("Shape", [MASK], [f"{base}/Shape/output_0"], name=f"{base}/Shape"),
+        helper.make_node("Gather", [f"{base}/Shape/output_0", one], [f"{base}/Gather/output_0"], name=f"{base}/Gather",
+                         axis=0),
+        helper.make_node("Cast", [f"{base}/Gather/output_0"], [TOTAL_SEQ], name=f"{base}/Gather/Cast", to=TensorProto.INT32),
+    ]
+
+
 def _set_seq_dim(value: onnx.ValueInfoProto, dim_name: str) -> None:
     d = value.type.tensor_type.shape.dim[2]
     d.ClearField("dim_value")
@@ -235,7 +255,7 @@ def fuse_gqa(model: onnx.ModelProto, io: dict, capacity: int, local_window: int 
             "GroupQueryAttention", inputs, [b.out, b.present_k, b.present_v], name=f"/model/layers.{i}/attn/GroupQueryAttention",
             domain=MS_DOMAIN, **attrs)
         drop.update(id(n) for n in b.remove)
-    nodes = []
+    nodes = _mask_reformat_nodes()  # reads only the attention_mask input: first in topological order
     for k, n in enumerate(g.node):
         if k in new_nodes:
             nodes.append(new_nodes[k])
@@ -245,12 +265,9 @@ def fuse_gqa(model: onnx.ModelProto, io: dict, capacity: int, local_window: int 
     g.node.extend(nodes)
     for cname, sname, c, s in tables:
         g.initializer.extend([store.tensor(c, cname), store.tensor(s, sname)])
-    g.input.extend([helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
-                    helper.make_tensor_value_info(TOTAL_SEQ, TensorProto.INT32, [1])])
     pruned = prune(g)
-    leftover = {"attention_mask", "position_ids"} & {i.name for i in g.input}
-    if leftover:
-        raise RewriteUnsupported(f"{sorted(leftover)} still used after the GroupQueryAttention rewrite")
+    if "position_ids" in {i.name for i in g.input}:
+        raise RewriteUnsupported("position_ids still used after the GroupQueryAttention rewrite")
     kv = {n for b in blocks for n in (b.past_k, b.past_v, b.present_k, b.present_v)}
     for v in list(g.input) + list(g.output):
         if v.name in kv:
@@ -264,11 +281,12 @@ def gqa_io(io: dict, capacity: int) -> dict:
     """io.json for a graph rewritten by ``fuse_gqa``."""
     kv_shape = ["batch", io["num_kv_heads"], CAPACITY_DIM, io["head_dim"]]
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-              {"name": SEQLENS_K, "dtype": "int32", "shape": ["batch"]},
-              {"name": TOTAL_SEQ, "dtype": "int32", "shape": [1]}]
+              {"name": MASK, "dtype": "int64", "shape": ["batch", "total"]}]
     for t in io["inputs"]:
         if t["name"].startswith("past_key_values."):
             inputs.append({**t, "shape": kv_shape})
     outputs = [{**t, "shape": kv_shape} if t["name"].startswith("present.") else t for t in io["outputs"]]
     return {**io, "inputs": inputs, "outputs": outputs, "attention": "gqa", "kv_capacity": capacity,
-            "padding": "right", "kv_layout": "batch,kv_heads,kv_capacity,head_dim (past and present share one buffer)"}
+            "padding": "right",
+            "mask": "row sum = the row's tokens in the cache after this step; width = the longest row",
+            "kv_layout": "batch,kv_heads,kv_capacity,head_dim (past and present share one buffer)"}

@@ -15,7 +15,17 @@ def backend_of(artifact: Artifact) -> str:
 
 
 def open_session(artifact: Artifact, threads: int | None = None) -> DecoderSession:
+    """A session over the artifact; a file that does not parse is a UserError naming the artifact."""
+    from llmopt.readers import check_io_json, reading
+
     backend = backend_of(artifact)
+    if backend != "torch":
+        check_io_json(artifact.path)
+    with reading(artifact.path, f"{artifact.kind} artifact"):
+        return _open(artifact, backend, threads)
+
+
+def _open(artifact: Artifact, backend: str, threads: int | None) -> DecoderSession:
     if backend == "torch":
         import torch
 

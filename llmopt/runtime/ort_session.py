@@ -8,10 +8,11 @@ Two graph forms, told apart by io.json:
 * ``"attention": "gqa"`` (the ORT build's GroupQueryAttention rewrite): one preallocated OrtValue of
   ``kv_capacity`` positions per layer and K/V is bound once per generation as both past input and
   present output; GroupQueryAttention writes the new position in place and reads the cache where it
-  is. The graph wants right-padded rows (each row's tokens from cache position 0) described by
-  ``seqlens_k`` / ``total_sequence_length``; a left-padded prompt batch is compacted here (the tokens
-  whose mask is 1, in order: the same positions and visibility as the left-padded reference) and its
-  logits are put back in the caller's layout.
+  is. The graph takes ONNX Runtime GenAI's inputs (``input_ids``, ``attention_mask``, past → logits,
+  present) and wants right-padded rows (each row's tokens from cache position 0): it reads each row's
+  length from the mask (row sum) and the longest from its width. A left-padded prompt batch is compacted
+  here (the tokens whose mask is 1, in order: the same positions and visibility as the left-padded
+  reference) and its logits are put back in the caller's layout. ``run_rows`` is the step underneath.
 """
 
 from __future__ import annotations
@@ -167,11 +168,12 @@ class OrtGqaSession(OrtSession):
         self._lengths: np.ndarray | None = None
         self._prompt = False
         self._logits = None
-        self._feeds: dict | None = None  # bound input OrtValues, reused while their shape holds
+        self._ids = None     # the bound input_ids OrtValue, reused while its shape holds
+        self._mask_ov = None  # the attention_mask bound for the current step (its width grows every step)
 
     def reopen(self, profile_prefix: str | None = None) -> None:
         super().reopen(profile_prefix)
-        self.kv_buffers, self._feeds = [], None  # bound to the old session's binding: allocate and bind again
+        self.kv_buffers, self._ids = [], None  # bound to the old session's binding: allocate and bind again
 
     def reset(self, batch: int) -> None:
         d = self.dims
@@ -182,7 +184,7 @@ class OrtGqaSession(OrtSession):
             b = self.binding
             b.clear_binding_inputs()
             b.clear_binding_outputs()
-            self._feeds = None
+            self._ids = None
             for past, present, ov in zip(self.past, self.present, self.kv_buffers):
                 b.bind_ortvalue_input(past, ov)
                 b.bind_ortvalue_output(present, ov)
@@ -190,26 +192,35 @@ class OrtGqaSession(OrtSession):
         self._lengths = None
         self._prompt = True
 
-    def _run(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def run_rows(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The low-level step over the bound KV buffers (continuous batching builds on this).
+
+        ``ids [batch, seq]``: each row's new tokens, right-padded; ``lengths [batch]``: each row's tokens
+        in the cache *after* this step (its cache length before + its new tokens). A row's tokens occupy
+        cache positions 0..length-1 and the new ones are written at the end, in place. All rows of one
+        call add ``seq`` tokens, except a first prompt (every cache empty), where rows may be shorter
+        than ``seq``. Returns logits [batch, seq, vocab] in a buffer the next call overwrites.
+
+        The graph reads the lengths from ``attention_mask`` as ONNX Runtime GenAI feeds it: row sum =
+        length, width = the longest row.
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
         total = int(lengths.max())
         if total > self.capacity:
             raise UserError(f"context of {total} tokens exceeds this engine's KV capacity of {self.capacity}",
                             "rebuild with a larger envelope total_len max (llmopt build --total-len MIN,OPT,MAX)")
-        b = self.binding
-        feeds = {"input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32),
-                 "total_sequence_length": np.array([total], np.int32)}
-        if self._feeds is not None and self._feeds["input_ids"].shape() == list(ids.shape):
-            for name, arr in feeds.items():  # decode: the same bound OrtValues, new contents
-                self._feeds[name].update_inplace(arr)
-        else:  # a new shape (prompt, or the first decode step): bind fresh inputs and a logits buffer
-            ov = self._ort.OrtValue
-            self._feeds = {}
-            for name, arr in feeds.items():  # ORT-owned memory, filled by copy (never a view of a caller's array)
-                self._feeds[name] = ov.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype, "cpu", 0)
-                self._feeds[name].update_inplace(np.ascontiguousarray(arr))
-                b.bind_ortvalue_input(name, self._feeds[name])
-            shape = [*ids.shape, self.dims.vocab_size]
-            self._logits = ov.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cpu", 0)
+        b, ov = self.binding, self._ort.OrtValue
+        mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
+        self._mask_ov = ov.ortvalue_from_shape_and_type(list(mask.shape), np.int64, "cpu", 0)  # ORT-owned, filled by copy
+        self._mask_ov.update_inplace(mask)
+        b.bind_ortvalue_input("attention_mask", self._mask_ov)
+        if self._ids is not None and self._ids.shape() == list(ids.shape):
+            self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))  # decode: same OrtValue, new contents
+        else:  # a new shape (prompt, or the first decode step): bind fresh ids and a logits buffer
+            self._ids = ov.ortvalue_from_shape_and_type(list(ids.shape), np.int64, "cpu", 0)
+            self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+            b.bind_ortvalue_input("input_ids", self._ids)
+            self._logits = ov.ortvalue_from_shape_and_type([*ids.shape, self.dims.vocab_size], self.kv_dtype, "cpu", 0)
             b.bind_ortvalue_output("logits", self._logits)
         self.session.run_with_iobinding(b)
         return self._logits.numpy()
@@ -217,7 +228,7 @@ class OrtGqaSession(OrtSession):
     def _step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if not self._prompt:  # decode: one new token per row, appended at each row's own length
             self._lengths = self._lengths + 1
-            return self._run(ids, self._lengths).astype(np.float32, copy=False)
+            return self.run_rows(ids, self._lengths).astype(np.float32, copy=False)
         self._prompt = False
         keep = mask.astype(bool)
         lengths = keep.sum(axis=1)
@@ -225,12 +236,12 @@ class OrtGqaSession(OrtSession):
             raise ValueError("a prompt row has no token with attention_mask 1")
         self._lengths = lengths.astype(np.int64)
         if keep.all():
-            return self._run(ids, self._lengths).astype(np.float32, copy=False)
+            return self.run_rows(ids, self._lengths).astype(np.float32, copy=False)
         width = int(lengths.max())
         compact = np.zeros((ids.shape[0], width), np.int64)
         for r in range(ids.shape[0]):
             compact[r, :lengths[r]] = ids[r, keep[r]]
-        logits = self._run(compact, self._lengths)
+        logits = self.run_rows(compact, self._lengths)
         out = np.zeros((*ids.shape, logits.shape[-1]), np.float32)
         for r in range(ids.shape[0]):
             out[r, keep[r]] = logits[r, :lengths[r]]
@@ -243,6 +254,9 @@ def open_ort(directory: Path, threads: int | None = None, device: str | None = N
     settings = {}
     if (directory / "session.json").exists():
         settings = json.loads((directory / "session.json").read_text())
+    if any(t["name"] == "seqlens_k" for t in io["inputs"]):
+        raise UserError(f"{directory}: built by an older llmopt (seqlens_k / total_sequence_length inputs)",
+                        "rebuild it with llmopt build (the graph now takes attention_mask, as ONNX Runtime GenAI feeds it)")
     cls = OrtGqaSession if io.get("attention") == "gqa" else OrtSession
     return cls(directory / "model.onnx", io, device=device or settings.get("device", "cpu"),
                threads=threads or settings.get("intra_op_num_threads"), config_entries=settings.get("config_entries"),

@@ -1,14 +1,15 @@
-"""What `serve` loads once: the artifact's session behind KV slots, its tokenizer, eos ids and limits."""
+"""What `serve` loads once: the artifact's session behind KV slots and its assets (tokenizer, chat
+template, eos ids, sampling defaults: ``llmopt.runtime.assets``, the same answer `generate` gets)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmopt.artifact import Artifact, lineage, open_artifact
-from llmopt.errors import UserError
+from llmopt.artifact import open_artifact
+from llmopt.runtime import assets as A
+from llmopt.runtime.sampling import SamplingParams
 from llmopt.serve.slots import GqaSlots, Slots, open_slots
 
 
@@ -18,8 +19,19 @@ class ServedEngine:
     path: Path
     backend: str
     slots: Slots
-    tokenizer: Any
-    eos_ids: list[int]
+    assets: A.Assets
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.assets.tokenizer
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return self.assets.eos_ids
+
+    @property
+    def sampling_defaults(self) -> SamplingParams:
+        return self.assets.sampling_defaults()
 
     @property
     def capacity(self) -> int:
@@ -35,36 +47,7 @@ class ServedEngine:
 
     @property
     def chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-
-def _asset_dirs(art: Artifact) -> list[Path]:
-    """Where tokenizer / generation config may live: the engine itself first, then its lineage."""
-    return [a.path for a in lineage(art)]
-
-
-def find_tokenizer(art: Artifact) -> Any:
-    from llmopt.models.loader import load_tokenizer
-
-    for d in _asset_dirs(art):
-        tok = load_tokenizer(d)
-        if tok is not None:
-            return tok
-    raise UserError(f"{art.path}: no tokenizer in the artifact or its lineage",
-                    "build the engine from a checkpoint that has tokenizer files")
-
-
-def eos_ids_of(art: Artifact, tokenizer: Any) -> list[int]:
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for d in _asset_dirs(art):
-        gen = d / "generation_config.json"
-        if gen.exists():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-            break
-    return sorted(ids)
+        return bool(self.assets.chat_template)
 
 
 def open_engine(path: Path, max_batch: int | None = None, threads: int | None = None, chunk: int = 256,
@@ -72,8 +55,8 @@ def open_engine(path: Path, max_batch: int | None = None, threads: int | None = 
     from llmopt.runtime.open import backend_of, open_session
 
     art = open_artifact(path, ("engine", "onnx", "checkpoint"))
-    tokenizer = find_tokenizer(art)
+    assets = A.find(art)
     envelope = art.manifest.get("config", {}).get("envelope") or {}
     session = open_session(art, threads=threads)
     slots = open_slots(session, max_batch, envelope, chunk=chunk)
-    return ServedEngine(name or art.path.name, art.path, backend_of(art), slots, tokenizer, eos_ids_of(art, tokenizer))
+    return ServedEngine(name or art.path.name, art.path, backend_of(art), slots, assets)

@@ -23,11 +23,12 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class _Job:
     """One submitted sequence as the route sees it: an asyncio queue of Events."""
 
-    def __init__(self, scheduler: Scheduler, prompt: list[int], body: _Generation, max_tokens: int) -> None:
+    def __init__(self, engine: ServedEngine, scheduler: Scheduler, prompt: list[int], body: _Generation,
+                 max_tokens: int) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.scheduler = scheduler
-        self.req = GenRequest(prompt, body.sampling(), max_tokens, body.stops,
+        self.req = GenRequest(prompt, body.sampling(engine.sampling_defaults), max_tokens, body.stops,
                               emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
                               ignore_eos=body.ignore_eos)
         try:
@@ -151,9 +152,10 @@ async def completions(body: CompletionRequest, request: Request):  # noqa: ANN20
         if any(not 0 <= t < engine.vocab_size for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
     else:
-        prompt = engine.tokenizer(p[0] if isinstance(p, list) else p)["input_ids"]
+        text = p[0] if isinstance(p, list) else p
+        prompt = await asyncio.to_thread(engine.assets.prompt, text)  # generate's tokenization, off the event loop
     max_tokens = _max_tokens(engine, prompt, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
-    job = _Job(scheduler, prompt, body, max_tokens)
+    job = _Job(engine, scheduler, prompt, body, max_tokens)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": engine.name}
     if body.stream:
@@ -181,9 +183,9 @@ def chat_prompt(engine: ServedEngine, body: ChatRequest) -> list[int]:
 async def chat_completions(body: ChatRequest, request: Request):  # noqa: ANN201
     engine, scheduler = _engine(request)
     _check_model(engine, body)
-    prompt = chat_prompt(engine, body)
+    prompt = await asyncio.to_thread(chat_prompt, engine, body)
     max_tokens = _max_tokens(engine, prompt, body.limit, None)
-    job = _Job(scheduler, prompt, body, max_tokens)
+    job = _Job(engine, scheduler, prompt, body, max_tokens)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": engine.name}
     if body.stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,10 +23,11 @@ class _Generation(_Strict):
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1, description="default: 16 (completions), what fits (chat)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="extension: 0 is no limit")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: 1 is none")
+    # unset sampling fields take the engine's generation config defaults, as `llmopt generate` does
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0: greedy")
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0, description="extension: 0 is no limit")
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0, description="extension: 1 is none")
     seed: Optional[int] = None
     ignore_eos: bool = Field(False, description="extension: always generate max_tokens (load tests)")
     stop: Optional[Union[str, list[str]]] = None
@@ -33,6 +35,19 @@ class _Generation(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    # OpenAI fields some clients send at their neutral values; anything else is refused, not ignored
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Optional[Union[bool, int]] = None
+
+    @field_validator("frequency_penalty", "presence_penalty", "logit_bias", "logprobs")
+    @classmethod
+    def _neutral(cls, v: object, info) -> object:  # noqa: ANN001
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by llmopt serve; omit it"
+                             + (" (or send 0)" if "penalty" in info.field_name else ""))
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -52,9 +67,10 @@ class _Generation(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              repetition_penalty=self.repetition_penalty, seed=self.seed)
+    def sampling(self, defaults: SamplingParams = SamplingParams()) -> SamplingParams:
+        given = {k: getattr(self, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+                 if getattr(self, k) is not None}
+        return replace(defaults, **given)
 
 
 class CompletionRequest(_Generation):

@@ -6,10 +6,12 @@ holds ``past[i]`` tokens, and return the logits of each row's last new token.
 
 * ``GqaSlots`` (an ``OrtGqaSession`` engine: GroupQueryAttention writes the cache in place) keeps one
   numpy buffer [max_batch, kv_heads, capacity, head_dim] per K/V tensor and binds, for each call, views
-  of the contiguous rows it steps (zero-copy: ONNX Runtime reads and writes the numpy memory). A prompt
+  of the contiguous rows it steps (zero-copy: ONNX Runtime reads and writes the numpy memory) on the
+  session's binding, then calls the session's own step, ``OrtGqaSession.run_rows(ids, lengths)``, which
+  owns the graph's length inputs (so an input change there needs nothing here). A prompt
   is prefilled into its own slot (in chunks) while the other slots keep their cache; a decode step runs
   rows 0..n-1 together, each at its own length (GroupQueryAttention derives each row's position from
-  its ``seqlens_k``).
+  its length, which the graph reads from ``attention_mask``'s row sums).
 * ``SingleSlot`` serves any other session (standard-attention ONNX, TensorRT, PyTorch) through the
   ``DecoderSession`` prefill/decode interface: one sequence at a time, so ``max_batch`` is 1.
 """
@@ -57,7 +59,6 @@ class GqaSlots(Slots):
         self.chunk = chunk
         shape = (max_batch, d.num_kv_heads, self.capacity, d.head_dim)
         self.kv = [np.zeros(shape, session.cache_dtype) for _ in session.past]
-        self.binding = session.session.io_binding()
         self._views: dict[tuple[int, int], list] = {}
 
     def _bind_rows(self, first: int, n: int) -> None:
@@ -65,9 +66,10 @@ class GqaSlots(Slots):
         if views is None:  # OrtValues over numpy views: ONNX Runtime works in the shared buffer itself
             views = [self.ort.OrtValue.ortvalue_from_numpy(a[first:first + n]) for a in self.kv]
             self._views[(first, n)] = views
+        b = self.session.binding
         for past, present, ov in zip(self.session.past, self.session.present, views):
-            self.binding.bind_ortvalue_input(past, ov)
-            self.binding.bind_ortvalue_output(present, ov)
+            b.bind_ortvalue_input(past, ov)
+            b.bind_ortvalue_output(present, ov)
 
     def run(self, first: int, rows: list[list[int]], past: list[int]) -> np.ndarray:
         n, width = len(rows), max(len(r) for r in rows)
@@ -76,31 +78,16 @@ class GqaSlots(Slots):
         if n > 1 and width > 1 and any(past):
             raise ValueError("a multi-row prefill must start every row at cache position 0")
         new = np.array([len(r) for r in rows], np.int64)
-        total = np.asarray(past, np.int64) + new
-        if int(total.max()) > self.capacity:
-            raise UserError(f"context of {int(total.max())} tokens exceeds this engine's KV capacity of {self.capacity}",
-                            "send a shorter prompt or fewer max_tokens")
         ids = np.zeros((n, width), np.int64)  # right-padded: each row's tokens from its own cache length
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
-        b = self.binding
-        b.bind_cpu_input("input_ids", ids)
-        for name, arr in gqa_feeds(total).items():
-            b.bind_cpu_input(name, arr)
-        b.bind_output("logits", "cpu")
         self._bind_rows(first, n)
-        self.session.session.run_with_iobinding(b)
-        logits = b.get_outputs()[0].numpy()
-        return logits[np.arange(n), new - 1].astype(np.float32, copy=False)
+        logits = self.session.run_rows(ids, np.asarray(past, np.int64) + new)  # the session's own feeds
+        return logits[np.arange(n), new - 1].astype(np.float32)
 
     def move(self, src: int, dst: int, length: int) -> None:
         for a in self.kv:
             a[dst, :, :length] = a[src, :, :length]
-
-
-def gqa_feeds(total: np.ndarray) -> dict[str, np.ndarray]:
-    """The GroupQueryAttention graph's length inputs for rows holding ``total[i]`` tokens after the call."""
-    return {"seqlens_k": (total - 1).astype(np.int32), "total_sequence_length": np.array([total.max()], np.int32)}
 
 
 class SingleSlot(Slots):

@@ -1,4 +1,6 @@
-"""build: dispatch to the ONNX Runtime or TensorRT backend."""
+"""build: dispatch to the ONNX Runtime or TensorRT backend, after copying in what running the engine needs
+besides the model (tokenizer files, chat template, generation config: llmopt.runtime.assets), so the
+engine directory is self-contained."""
 
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ def default_file(config: BuildConfig) -> Path | None:
 
 
 def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
+    from llmopt.runtime import assets
+
+    copied = assets.copy_into(inputs[0], out)
     if config.backend == "tensorrt":
         from llmopt.stages import build_trt
 
-        return build_trt.run(config, inputs, out, progress)
+        return {**build_trt.run(config, inputs, out, progress), "assets": copied}
     from llmopt.stages import build_ort
 
-    return build_ort.run(config, inputs, out, progress)
+    return {**build_ort.run(config, inputs, out, progress), "assets": copied}
 
 
 def estimate(config: BuildConfig, inputs: list[Artifact]):  # noqa: ANN201 - Estimate | None
@@ -37,6 +42,6 @@ def estimate(config: BuildConfig, inputs: list[Artifact]):  # noqa: ANN201 - Est
     return build_estimate(config, inputs)
 
 
-STAGE = Stage(name="build", kind="engine", version=2, config_model=BuildConfig, run=run, input_kinds=("onnx",),
+STAGE = Stage(name="build", kind="engine", version=3, config_model=BuildConfig, run=run, input_kinds=("onnx",),
               packages=("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"), default_file=default_file,
               estimate=estimate)

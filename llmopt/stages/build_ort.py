@@ -74,13 +74,18 @@ def save_engine(src: Path, onnx_dir: Path, dst: Path, progress: Progress) -> Non
                 callback=lambda tensor, info: advance())
 
 
-def _sliding_window(onnx_art: Artifact) -> int | None:
-    """The checkpoint's attention window when it limits attention (from the lineage's config.json)."""
+def _checkpoint_config(onnx_art: Artifact) -> dict:
+    """config.json of the checkpoint the export came from ({} when the lineage has none)."""
     ckpt = next((a for a in lineage(onnx_art) if a.kind == "checkpoint"), None)
     if ckpt is None or not (ckpt.path / "config.json").exists():
-        return None
-    cfg = json.loads((ckpt.path / "config.json").read_text())
-    if cfg.get("use_sliding_window") is False:
+        return {}
+    return json.loads((ckpt.path / "config.json").read_text())
+
+
+def _sliding_window(onnx_art: Artifact) -> int | None:
+    """The checkpoint's attention window when it limits attention (from the lineage's config.json)."""
+    cfg = _checkpoint_config(onnx_art)
+    if not cfg or cfg.get("use_sliding_window") is False:
         return None
     return cfg.get("sliding_window")
 
@@ -186,6 +191,22 @@ def int8_kv_cache(src: Path, io: dict, config: BuildConfig, onnx_art: Artifact, 
     return F.int8_io(io), done
 
 
+def write_genai_config(out: Path, io: dict, settings: dict, config: BuildConfig, onnx_art: Artifact) -> str:
+    """genai_config.json beside the model, so ONNX Runtime GenAI runs the engine directory as it is;
+    returns what was done (for the manifest)."""
+    from llmopt.ort import genai_config as G
+    from llmopt.runtime import assets
+
+    model_type = _checkpoint_config(onnx_art).get("model_type")
+    if model_type not in G.GENAI_TYPES:
+        return f"not written: model type {model_type!r} unknown to ONNX Runtime GenAI"
+    a = assets.from_dir(out)
+    context = io["kv_capacity"] if io.get("attention") == "gqa" else config.envelope.total_len[2]
+    cfg = G.genai_config(io, settings, a.generation, model_type, context, a.eos_ids, a.pad_id, MODEL_FILE)
+    (out / G.FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    return "written"
+
+
 def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     onnx_art = inputs[0]
     io = json.loads((onnx_art.path / "io.json").read_text())
@@ -205,6 +226,7 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
         shutil.copy2(onnx_art.path / DATA_FILE, out / DATA_FILE)
     (out / "io.json").write_text(json.dumps(io, indent=2))
     (out / "session.json").write_text(json.dumps(settings, indent=2))
+    genai = write_genai_config(out, io, settings, config, onnx_art)
     with progress.task("check the session loads"):
         t0 = time.perf_counter()
         make_session(out / MODEL_FILE, config.device, settings["intra_op_num_threads"] or default_threads(),
@@ -218,5 +240,5 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
     for node in graph.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"backend": "onnxruntime", "device": config.device, "session": settings, "load_s": round(load_s, 3),
-            "rewrite": rewrite, "attention": rewrite.get("attention", "standard"),
+            "rewrite": rewrite, "attention": rewrite.get("attention", "standard"), "genai_config": genai,
             "nodes": len(graph.graph.node), "op_types": dict(sorted(ops.items()))}

@@ -22,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from llmopt.artifact import Artifact
+from llmopt.artifact import Artifact, lineage
 from llmopt.errors import UserError
 from llmopt.estimates import validate_estimate
+from llmopt.gates import effective_gates, profile_of
 from llmopt.metrics import logits_error, summarize, token_arrays
 from llmopt.models import presets
 from llmopt.models.loader import load_tokenizer
 from llmopt.progress import Progress
 from llmopt.recipe import ValidateConfig
+from llmopt.runtime import assets
 from llmopt.runtime.base import DecoderSession
 from llmopt.runtime.generate import first_divergence, greedy, left_pad
 from llmopt.runtime.open import artifact_bytes, open_session
@@ -145,7 +147,8 @@ def latency(test: DecoderSession, prompt: list[int], n: int) -> dict:
 def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
     """References first, one at a time, each freed before the next; then the artifact alone."""
     artifact, own_ref, *rest = inputs
-    tokenizer = load_tokenizer(own_ref.path)
+    found = assets.source_dir(artifact)  # the engine's own tokenizer, else its lineage's
+    tokenizer = load_tokenizer(found[0] if found else own_ref.path)
     if tokenizer is None:
         raise UserError(f"{own_ref.path}: checkpoint has no tokenizer files", "copy the tokenizer into the checkpoint")
     ids = eval_ids(config, tokenizer)
@@ -177,16 +180,23 @@ def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Pro
     finally:
         refs = []
         shutil.rmtree(scratch, ignore_errors=True)
-    report["checks"] = evaluate_gates(report, config.gates)
+    gates, source = _gates(config, inputs)
+    report["gates"] = {"source": source, "gated": config.gates != "none", **gates.model_dump()}
+    report["checks"] = evaluate_gates(report, gates)
     report["passed"] = all(c["passed"] for c in report["checks"] if c["passed"] is not None)
     write_report(report, out)
-    return {"passed": report["passed"], "checks": report["checks"],
+    return {"passed": report["passed"], "checks": report["checks"], "gates": report["gates"],
             "summary": {k: report[k] for k in ("backend", "artifact_bytes")}}
+
+
+def _gates(config: ValidateConfig, inputs: list[Artifact]):  # noqa: ANN202
+    return effective_gates(config.gates, profile_of(lineage(inputs[0])))
 
 
 STAGE = Stage(name="validate", kind="report", version=1, config_model=ValidateConfig, run=run,
               input_kinds=("engine", "onnx"), packages=("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
-              default_file=lambda config: presets.DEFAULT_EVAL_TEXT, estimate=validate_estimate)
+              default_file=lambda config: presets.DEFAULT_EVAL_TEXT, estimate=validate_estimate,
+              key_extra=lambda config, inputs: _gates(config, inputs)[0].model_dump())
 
 
 def load_report(directory: Path) -> dict:

@@ -9,8 +9,6 @@ import httpx
 import openai
 import pytest
 
-from llmopt.models.loader import load_tokenizer
-from llmopt.models.presets import TINY_TRAINED
 from .conftest import CAPACITY
 
 PROMPTS = ["The history of", "In the beginning the", "A function returns", "Python is a language that",
@@ -35,14 +33,21 @@ def test_models_health_and_metrics(server):
         assert name in text
 
 
-def test_greedy_completion_equals_generate(server, serve_engine, cli):
-    got = _complete(server, "The history of", max_tokens=24, temperature=0)
-    want = cli("generate", serve_engine, "--prompt", "The history of", "--max-new-tokens", "24", "--json").json()
-    assert got.choices[0].text == want["completions"][0]
-    assert got.choices[0].finish_reason == "length"
-    assert got.usage.completion_tokens == 24
-    assert got.usage.prompt_tokens == len(load_tokenizer(TINY_TRAINED)("The history of")["input_ids"])
-    assert got.usage.total_tokens == got.usage.prompt_tokens + 24
+def _generate(cli, engine, prompt: str, *args: str) -> dict:
+    return cli("generate", engine, "--prompt", prompt, "--json", *args).json()
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_p=0.95, seed=7)],
+                         ids=["greedy", "seeded"])
+def test_completion_equals_generate(server, serve_engine, cli, sampling):
+    got = _complete(server, "The history of", max_tokens=24, **sampling)
+    flags = [x for k, v in sampling.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    want = _generate(cli, serve_engine, "The history of", "--max-new-tokens", "24", *flags)
+    assert got.choices[0].text == want["text"]
+    assert got.choices[0].finish_reason == want["finish_reason"]
+    assert got.usage.completion_tokens == len(want["token_ids"])
+    assert got.usage.prompt_tokens == want["completions"][0]["prompt_tokens"]
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
 
 
 def test_seed_reproduces_and_differs(server):
@@ -66,11 +71,13 @@ def test_stream_equals_non_stream(server):
     assert len([c for c in chunks if c.choices]) > 5  # tokens arrive as they are made, not in one piece
 
 
-def test_stop_string(server):
+def test_stop_string(server, serve_engine, cli):
     full = _complete(server, "The history of", max_tokens=32, temperature=0).choices[0].text
     stop = full[len(full) // 2:len(full) // 2 + 3]
     cut = full[:full.index(stop)]
     got = _complete(server, "The history of", max_tokens=32, temperature=0, stop=[stop, "\u2603never"])
+    want = _generate(cli, serve_engine, "The history of", "--max-new-tokens", "32", "--temperature", "0", "--stop", stop)
+    assert want["text"] == cut and want["finish_reason"] == "stop"
     assert got.choices[0].text == cut and got.choices[0].finish_reason == "stop"
     streamed = server.client().completions.create(model=server.model, prompt="The history of", max_tokens=32,
                                                   temperature=0, stop=stop, stream=True)
@@ -79,7 +86,7 @@ def test_stop_string(server):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_chat(server):
+def test_chat(server, serve_engine, cli):
     client = server.client()
     messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is a file?"}]
     got = client.chat.completions.create(model=server.model, messages=messages, max_tokens=16, temperature=0)
@@ -90,6 +97,9 @@ def test_chat(server):
     raw = ("<|im_start|>system\nYou answer briefly.<|im_end|>\n<|im_start|>user\nWhat is a file?<|im_end|>\n"
            "<|im_start|>assistant\n")
     assert _complete(server, raw, max_tokens=16, temperature=0).choices[0].text == text
+    want = _generate(cli, serve_engine, "What is a file?", "--chat", "--system", "You answer briefly.",
+                     "--max-new-tokens", "16", "--temperature", "0")
+    assert text == want["text"]
     chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=16,
                                                  temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"

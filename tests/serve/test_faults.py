@@ -81,6 +81,7 @@ def test_oversize_prompt_and_max_tokens(server):
     ({"model": "M", "prompt": ["a", "b"]}, 422, "one prompt per request"),
     ({"model": "M", "prompt": ""}, 400, "prompt is empty"),
     ({"model": "other", "prompt": "hi"}, 404, "not served here"),
+    ({"model": "M", "prompt": "hi", "presence_penalty": 0.5}, 422, "presence_penalty is not supported"),
 ])
 def test_garbage_gets_a_message(server, body, status, words):
     if isinstance(body, dict) and body.get("model") == "M":
@@ -96,7 +97,8 @@ def test_chat_garbage(server):
     r = _post(server, "/v1/chat/completions", {"model": server.model, "messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 422 and "role" in r.json()["error"]["message"]
     # still serving after all of it
-    ok = server.client().completions.create(model=server.model, prompt="The", max_tokens=3, temperature=0)
+    ok = server.client().completions.create(model=server.model, prompt="The", max_tokens=3, temperature=0,
+                                            presence_penalty=0, frequency_penalty=0)  # neutral values pass
     assert ok.usage.completion_tokens == 3
 
 
@@ -166,3 +168,20 @@ def test_sigterm_drains_then_exits_0(guarded):
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health")
     assert "draining" in "".join(guarded.stderr)
+
+
+def test_serve_user_errors(cli, serve_engine, tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        r = cli("serve", serve_engine, "--port", busy.getsockname()[1])
+        assert r.code == 1 and "cannot listen on 127.0.0.1" in r.err and "Traceback" not in r.err
+    finally:
+        busy.close()
+    r = cli("serve", tmp_path / "missing", "--port", "0")
+    assert r.code == 1 and "no such directory" in r.err
+    r = cli("serve", serve_engine.parent / "onnx", "--port", "0", "--max-batch", "2")
+    assert r.code == 1 and "one sequence at a time" in r.err

@@ -1,0 +1,34 @@
+"""Run by the GenAI virtualenv's Python (imports only onnxruntime_genai): greedy tokens from an engine dir.
+
+    python genai_greedy.py ENGINE_DIR '{"prompts": ["text", ...], "new_tokens": N}'
+
+Prints one JSON document: per prompt, GenAI's own tokenization and the generated ids (stopping at the
+config's eos ids, as GenAI does), plus the GenAI version.
+"""
+
+import json
+import sys
+
+import onnxruntime_genai as og
+
+
+def main() -> None:
+    engine, request = sys.argv[1], json.loads(sys.argv[2])
+    model = og.Model(engine)
+    tokenizer = og.Tokenizer(model)
+    out = []
+    for text in request["prompts"]:
+        ids = [int(i) for i in tokenizer.encode(text)]
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + request["new_tokens"])
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+        seq = [int(t) for t in gen.get_sequence(0)]
+        out.append({"prompt_ids": ids, "tokens": seq[len(ids):]})
+    print(json.dumps({"genai": og.__version__, "results": out}))
+
+
+if __name__ == "__main__":
+    main()
