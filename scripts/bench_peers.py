@@ -9,6 +9,7 @@ round-robin workers of ``llmopt.bench`` (one process per system, same prompt, sa
   llmopt fp32
   ONNX Runtime GenAI model builder int4 (its defaults: block 32), int4 with block_size=128, and fp32
   CPU models, through GenAI's own Generator API
+  GenAI's runtime on llmopt's headline engine directory as it is (its genai_config.json)
   PyTorch eager and torch.compile (inductor) on the float checkpoint
 
 and prints one table of ratios plus the issue's targets. Speed does not depend on the weight values, so
@@ -228,6 +229,12 @@ def main() -> int:
                               command=[str(py), str(Path(__file__).resolve()), "--genai-worker"],
                               extra={"weight_bytes": onnx_weight_bytes(path / "model.onnx"),
                                      "artifact_bytes": dir_bytes(path)}))
+    # GenAI's own runtime on llmopt's engine directory as it is (its genai_config.json): same graph, other loop
+    systems.append(System(name=f"ORT GenAI runtime on {HEADLINE}", kind="genai",
+                          load={"kind": "genai", "path": str(arts[dict(OURS)[HEADLINE]])},
+                          command=[str(py), str(Path(__file__).resolve()), "--genai-worker"],
+                          extra={"weight_bytes": onnx_weight_bytes(arts[dict(OURS)[HEADLINE]] / "model.onnx"),
+                                 "artifact_bytes": dir_bytes(arts[dict(OURS)[HEADLINE]])}))
     systems.append(System(name="torch eager", kind="torch", load={"kind": "torch", "path": str(arts["ckpt"])}))
     if not args.no_compile:
         systems.append(System(name="torch.compile", kind="torch-compile",

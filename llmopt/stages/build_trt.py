@@ -74,6 +74,7 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
                            hardware_compat=config.hardware_compat, version_compatible=config.version_compatible,
                            workspace_gib=config.workspace_gib, engine_bytes=len(engine), build_info=info)
     (out / ENGINE_JSON).write_text(json.dumps(meta, indent=2))
+    (out / "io.json").write_text(json.dumps(io, indent=2))  # as every engine carries it (engine.json has it too)
     return {
         "backend": "tensorrt",
         "device": "cuda",

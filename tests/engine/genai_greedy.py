@@ -1,9 +1,10 @@
 """Run by the GenAI virtualenv's Python (imports only onnxruntime_genai): greedy tokens from an engine dir.
 
-    python genai_greedy.py ENGINE_DIR '{"prompts": ["text", ...], "new_tokens": N}'
+    python genai_greedy.py ENGINE_DIR '{"prompts": ["text", ...], "new_tokens": N, "chat": [messages]}'
 
 Prints one JSON document: per prompt, GenAI's own tokenization and the generated ids (stopping at the
-config's eos ids, as GenAI does), plus the GenAI version.
+config's eos ids, as GenAI does), the chat template applied to ``chat`` by GenAI's tokenizer, and the
+GenAI version.
 """
 
 import json
@@ -27,7 +28,10 @@ def main() -> None:
             gen.generate_next_token()
         seq = [int(t) for t in gen.get_sequence(0)]
         out.append({"prompt_ids": ids, "tokens": seq[len(ids):]})
-    print(json.dumps({"genai": og.__version__, "results": out}))
+    chat = None
+    if request.get("chat"):
+        chat = tokenizer.apply_chat_template(json.dumps(request["chat"]), add_generation_prompt=True)
+    print(json.dumps({"genai": og.__version__, "results": out, "chat": chat}))
 
 
 if __name__ == "__main__":

@@ -187,3 +187,35 @@ def test_tensorrt_is_never_imported_at_module_import() -> None:
             "llmopt.trt.profiles, llmopt.trt.compat; print('tensorrt' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_engine_is_self_contained_and_runs_the_shared_loop(tmp_path: Path, fake_trt, fake_gpu, cache_dir: Path,
+                                                          io: dict) -> None:  # noqa: ANN001
+    """The build dispatcher copies the tokenizer / generation config into the TensorRT engine too, and the
+    engine directory alone feeds `generate`'s loop (fake TensorRT: canned logits, real tokenizer)."""
+    import shutil
+
+    from llmopt.artifact import Artifact
+    from llmopt.models import presets
+    from llmopt.runtime import assets
+    from llmopt.runtime.generate import complete
+    from llmopt.runtime.trt_session import TrtSession
+    from llmopt.stages import build
+
+    fake_trt.install(io)
+    src = onnx_artifact(tmp_path / "onnx", io)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy2(presets.TINY_TRAINED / name, src.path / name)
+    out = tmp_path / "engine"
+    out.mkdir()
+    meta = build.run(config(), [src], out, SILENT)
+    assert meta["assets"]["tokenizer"] and {"tokenizer.json", "generation_config.json", "io.json"} <= {
+        p.name for p in out.iterdir()}
+    assert json.loads((out / "io.json").read_text()) == io
+    shutil.rmtree(src.path)  # nothing outside the engine directory is needed from here on
+    found = assets.find(Artifact(out, {"kind": "engine", "stage": "build", "key": "e" * 64, "inputs": []}))
+    assert found.inside and found.eos_ids == [0]
+    session = TrtSession(out, device="cpu")
+    ids = [t % io["vocab_size"] for t in found.prompt("hello")]
+    c = complete(session, found.tokenizer, [ids], 4, eos_ids=found.eos_ids).completions[0]
+    assert len(c.token_ids) == 4 or c.finish_reason == "stop"
