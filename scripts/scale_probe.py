@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "smoke": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,  # a dry run
+                  num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
 }
@@ -122,6 +124,10 @@ def run_chain(args: argparse.Namespace, work: Path, source: dict) -> dict:
         if r["rc"] != 0:
             print(open(r["log"]).read()[-2000:], file=sys.stderr)
             break
+        if args.prune:  # disk: drop what no later stage reads (validate needs both checkpoints)
+            drop = {"load": [src], "quantize": [] if "validate" in args.stages else [paths["load"]]}.get(stage, [])
+            for p in drop:
+                shutil.rmtree(p, ignore_errors=True)
     return results
 
 
@@ -163,6 +169,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--genai", action="store_true", help="also run ONNX Runtime GenAI's builder (own venv)")
     ap.add_argument("--keep", action="store_true", help="keep every output (default: delete the work dir)")
+    ap.add_argument("--prune", action="store_true", help="delete the source after load and the float checkpoint "
+                                                         "after quantize (when validate is not run): 27 GB less for 7B")
     ap.add_argument("--markdown", action="store_true", help="print the docs/scale.md table of WORKDIR/probe.json")
     args = ap.parse_args()
     work = args.workdir.resolve()

@@ -13,8 +13,9 @@ It knows no method by name: it calls the hooks of a :class:`llmopt.quant.method.
    pre-hook while running the layer on the calibration batches — stopping the forward right there — so
    each group sees the already-quantized outputs of the groups and layers before it (GPTQ's
    "true sequential" order); the method's ``smooth`` hook may return scales, which are folded into the
-   group's smooth group; each linear is quantized by ``quantize_linear`` and its weight replaced by the
-   dequantized one; ``error`` records the relative output error of the method and of RTN.
+   group's smooth group; ``quantize_group`` quantizes the group's linears (by default each through
+   ``quantize_linear``) and their weights are replaced by the dequantized ones; ``error`` records the
+   relative output error of the method and of RTN.
 4. The layer is run once more with its quantized weights; its outputs are the next layer's inputs.
 
 Calibration batches interleave the samples (batch b holds samples b, b + nb, …), so every batch spans
@@ -38,7 +39,7 @@ from llmopt.errors import UserError
 from llmopt.models.registry import ArchSpec, spec_for
 from llmopt.progress import SILENT, Progress
 from llmopt.quant.capture import capture_layer0_inputs, collect, layer_out
-from llmopt.quant.method import GroupContext, Method, QuantResult, method_for
+from llmopt.quant.method import GroupContext, Method, QuantResult, method_for, one_thread
 from llmopt.quant.modules import (check_targets, fold_scales, get_weight, is_ignored, is_linear, set_weight,
                                   sublayer_groups, untie)
 from llmopt.quant.rtn import output_error, quantize
@@ -131,6 +132,12 @@ def _group(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list
         stats = collect(layer, layer.get_submodule(grp[0]), cached, method.sample_every(res.calibration["tokens"]),
                         block_mod)
         stats.block = block_mod
+    with one_thread():
+        return _hooks(method, layer, grp, targets, prefix, smooth, stats, res)
+
+
+def _hooks(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list[str], prefix: str,
+           smooth: Any, stats: Any, res: QuantResult) -> list[Any]:
     ctx = GroupContext(layer=layer, prefix=prefix, linears=grp, targets=targets, smooth=smooth, stats=stats,
                        result=res, w_orig={t: get_weight(layer.get_submodule(t)) for t in targets})
     found = method.smooth(ctx) if stats is not None else None
@@ -140,11 +147,12 @@ def _group(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list
                     scale_min=float(ctx.col_scale.min()), scale_max=float(ctx.col_scale.max()))
         res.smoothing[prefix + smooth.prev] = info
         fold_scales(layer, smooth, ctx.col_scale, res.qtensors, prefix)
+    mods = {lin: layer.get_submodule(lin) for lin in targets}
+    qts = method.quantize_group(ctx, {lin: get_weight(m) for lin, m in mods.items()})  # after folding
     for lin in targets:
-        mod = layer.get_submodule(lin)
-        qt = method.quantize_linear(ctx, lin, get_weight(mod))  # after folding
+        qt = qts[lin]
         res.qtensors[prefix + lin] = qt
-        set_weight(mod, qt.dequantize())
+        set_weight(mods[lin], qt.dequantize())
         if stats is not None:
             res.errors[prefix + lin] = method.error(ctx, lin, qt)
     return method.after_group(ctx) if stats is not None else []
@@ -190,7 +198,8 @@ def _outside_layers(model: nn.Module, spec: ArchSpec, patterns: list[str], metho
             for hidden, _, _ in final_hidden:
                 x = norm(hidden).reshape(-1, w.shape[1]).float()
                 h.addmm_(x.t(), x)
-        qt = method.quantize_head(w, h)
+        with one_thread():
+            qt = method.quantize_head(w, h)
         if h is not None:
             res.errors[name] = {"method": output_error(w, qt.dequantize(), h),
                                 "rtn": output_error(w, quantize(w, method.bits, method.group_size,

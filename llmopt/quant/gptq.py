@@ -144,5 +144,22 @@ class GPTQ(Method):
     def quantize_linear(self, ctx: GroupContext | None, lin: str, w: torch.Tensor) -> QTensor:
         return self._gptq(w, ctx.stats.h)
 
+    def quantize_group(self, ctx: GroupContext, weights: dict[str, torch.Tensor]) -> dict[str, QTensor]:
+        """Linears sharing an input share H, and GPTQ treats the rows of W independently given H (same
+        inverse factor, same column order, scales per row): one call on their rows stacked (q/k/v, gate/up)
+        gives each linear exactly its own result, with one Cholesky and one column loop per group."""
+        if len(weights) == 1:
+            return super().quantize_group(ctx, weights)
+        names = list(weights)
+        joint = self._gptq(torch.cat([weights[n] for n in names]), ctx.stats.h)
+        out, start = {}, 0
+        for n in names:
+            rows = slice(start, start + weights[n].shape[0])
+            start = rows.stop
+            out[n] = QTensor(q=joint.q[rows].contiguous(), scale=joint.scale[rows].contiguous(),
+                             zero_point=None if joint.zero_point is None else joint.zero_point[rows].contiguous(),
+                             bits=joint.bits, group_size=joint.group_size, symmetric=joint.symmetric)
+        return out
+
     def quantize_head(self, w: torch.Tensor, h: torch.Tensor | None) -> QTensor:
         return self._gptq(w, h) if h is not None else super().quantize_head(w, h)

@@ -4,7 +4,8 @@
   weight as it streams from the checkpoint — RTN, which is why it takes seconds;
 * :mod:`llmopt.quant.calibrate` walks the decoder layers one at a time over calibration activations and,
   for each sub-layer group of linears that share an input (q/k/v, o, gate/up, down), calls
-  :meth:`~Method.smooth` (AWQ / SmoothQuant fold per-channel scales), :meth:`~Method.quantize_linear`,
+  :meth:`~Method.smooth` (AWQ / SmoothQuant fold per-channel scales), :meth:`~Method.quantize_group`
+  (by default :meth:`~Method.quantize_linear` per linear),
   :meth:`~Method.error` and :meth:`~Method.after_group`; then :meth:`~Method.quantize_head` for the
   linears outside the layers (lm_head) when they are not ignored.
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -103,6 +105,10 @@ class Method:
         """The quantized ``w`` ``[out, in]`` (float32, after smoothing) of linear ``lin``."""
         return quantize(w, self.bits, self.group_size, self.symmetric)
 
+    def quantize_group(self, ctx: GroupContext, weights: dict[str, torch.Tensor]) -> dict[str, QTensor]:
+        """The group's linears (name → float32 ``[out, in]`` after smoothing), quantized."""
+        return {lin: self.quantize_linear(ctx, lin, w) for lin, w in weights.items()}
+
     def error(self, ctx: GroupContext, lin: str, qt: QTensor) -> dict:
         """Relative output errors of the method and of RTN on the group's calibration inputs."""
         w0 = ctx.w_orig[lin]
@@ -123,6 +129,19 @@ class Method:
 
 class RTN(Method):
     """Round-to-nearest: needs no model and no data (errors on calibration data only when asked)."""
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the per-linear algorithms on one intra-op thread. Their ops are small (GPTQ's column updates,
+    RTN's element-wise passes), and OpenMP's synchronisation dominates them: on this 2-core machine GPTQ of
+    a 576x1536 linear took 0.7 s on one thread and 11 s on two while other jobs ran (RTN: 4 vs 50 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def method_for(config: Any) -> Method:

@@ -26,12 +26,13 @@ def pack_int4(q: torch.Tensor, signed: bool = True) -> torch.Tensor:
     if q.dim() == 0 or q.shape[-1] % 2:
         raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(q.shape)}")
     lo, hi = int4_range(signed)
-    v = q.to(torch.int16)
-    if v.numel() and (int(v.min()) < lo or int(v.max()) > hi):
-        raise ValueError(f"values outside the {'int4' if signed else 'uint4'} range [{lo}, {hi}]")
-    nib = v & 0xF  # two's complement nibble for negatives
-    packed = nib[..., 0::2] | (nib[..., 1::2] << 4)
-    return packed.to(torch.uint8).contiguous()
+    if q.numel():
+        mn, mx = torch.aminmax(q)
+        if int(mn) < lo or int(mx) > hi:
+            raise ValueError(f"values outside the {'int4' if signed else 'uint4'} range [{lo}, {hi}]")
+    # the low byte of each value: two's complement for negatives (int8 viewed as uint8 is exactly that)
+    u = q.view(torch.uint8) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.int16).bitwise_and(0xFF).to(torch.uint8)
+    return ((u[..., 0::2] & 0xF) | (u[..., 1::2] << 4)).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:

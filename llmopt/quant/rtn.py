@@ -92,7 +92,8 @@ def compute_qparams(w: torch.Tensor, bits: int, symmetric: bool,
     qmin, qmax = qrange(bits)
     w = w.float()
     if symmetric:
-        amax = w.abs().amax(dim=-1, keepdim=True)
+        lo, hi = torch.aminmax(w, dim=-1, keepdim=True)  # one pass instead of abs() then amax()
+        amax = torch.maximum(-lo, hi)
         if clip is not None:
             amax = amax * clip
         scale = amax / qmax
@@ -112,10 +113,11 @@ def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
                     bits: int) -> torch.Tensor:
     """Integers for ``w`` given per-row/per-group parameters broadcastable against ``w`` (grouped view)."""
     qmin, qmax = qrange(bits)
-    q = torch.round(w.float() / scale)
+    q = w.float() / scale  # a fresh tensor: the rest is in place
+    q.round_()
     if zero_point is not None:
-        q = q + zero_point.float()
-    return q.clamp(qmin, qmax).to(torch.int8)
+        q += zero_point.float()
+    return q.clamp_(qmin, qmax).to(torch.int8)
 
 
 def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

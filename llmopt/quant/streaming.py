@@ -15,11 +15,11 @@ import time
 import torch
 from torch import nn
 
-from llmopt.models.loader import TensorSource, check_values
+from llmopt.models.loader import TensorSource
 from llmopt.progress import Progress
 from llmopt.quant.calibrate import LayerStore
 from llmopt.quant.format import QuantizedWriter
-from llmopt.quant.method import Method, QuantResult
+from llmopt.quant.method import Method, QuantResult, one_thread
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -30,8 +30,7 @@ def _float_weight(t: torch.Tensor, conv1d: bool) -> torch.Tensor:
 
 
 def quantize_stream(source: TensorSource, names: list[str], linears: dict[str, dict], tied_head: str | None,
-                    method: Method, writer: QuantizedWriter, progress: Progress, where: str,
-                    layers_path: str) -> QuantResult:
+                    method: Method, writer: QuantizedWriter, progress: Progress, layers_path: str) -> QuantResult:
     """Quantize every linear in ``linears`` (module name → info, see :class:`QuantizedWriter`) and copy
     every other tensor in ``names``; ``tied_head`` names a quantized linear whose weight is the embedding
     (``lm_head`` of a tied model), read from ``<embedding>.weight``."""
@@ -41,11 +40,10 @@ def quantize_stream(source: TensorSource, names: list[str], linears: dict[str, d
     tied_from = None
     if tied_head is not None:
         tied_from = next(n for n in names if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
-    with progress.task(f"{method.name} int{method.bits}: stream tensors", total=len(names)) as advance:
+    with progress.task(f"{method.name} int{method.bits}: stream tensors", total=len(names)) as advance, one_thread():
         for name in names:
             t0 = time.perf_counter()
-            t = source.get(name)
-            check_values(name, t, where)
+            t = source.get(name)  # an artifact `llmopt load` checked (finite values); its files match the manifest
             if name in weights:
                 mod = weights[name]
                 writer.write_linear(mod, method.quantize_linear(None, mod, _float_weight(t, linears[mod]["conv1d"])))
@@ -67,8 +65,8 @@ def quantize_stream(source: TensorSource, names: list[str], linears: dict[str, d
 class DiskLayers(LayerStore):
     """Decoder layers brought in from ``source`` one at a time and written to ``writer`` when final."""
 
-    def __init__(self, source: TensorSource, writer: QuantizedWriter, layers_path: str, where: str) -> None:
-        self.source, self.writer, self.where = source, writer, where
+    def __init__(self, source: TensorSource, writer: QuantizedWriter, layers_path: str) -> None:
+        self.source, self.writer = source, writer
         self.prefix = layers_path + "."
         self.by_layer: dict[int, list[str]] = {}
         for name in source.names():
@@ -79,7 +77,6 @@ class DiskLayers(LayerStore):
         start = f"{self.prefix}{index}."
         for name in self.by_layer.get(index, []):
             t = self.source.get(name)
-            check_values(name, t, self.where)
             mod_name, _, attr = name[len(start):].rpartition(".")
             module = layer.get_submodule(mod_name) if mod_name else layer
             value = t.float().contiguous()

@@ -127,8 +127,6 @@ def run(config: LoadConfig, inputs: list[Artifact], out: Path, progress: Progres
                 writer.write(spec_.name, t.to(spec_.dtype))
                 del t
                 advance(1)
-    if hasattr(opened.tensors, "close"):
-        opened.tensors.close()
     by_bytes: Counter = Counter()
     for s in plan:
         by_bytes[s.dtype] += s.nbytes

@@ -111,7 +111,7 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
     writer = QuantizedWriter(out, floats, linears, method.bits, method.group_size, method.symmetric, method.activations)
     where = str(src.path)
     if not calibrated:
-        result = quantize_stream(source, names, linears, tied_head, method, writer, progress, where, spec.layers_path)
+        result = quantize_stream(source, names, linears, tied_head, method, writer, progress, spec.layers_path)
         result.calibration = {"text": None, "note": "RTN streams the weights: no model, no calibration data "
                                                     "(error_stats: true measures per-linear errors)"}
     else:
@@ -119,7 +119,7 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
         outside = [n for n in names if not n.startswith(layer_prefix)
                    and not any(n == f"{m}.weight" for m in ignored)]
         assign(skeleton, source, outside, torch.float32, where)  # embeddings (+ final norm / lm_head)
-        result = quantize_model(skeleton, config, ids, progress, store=DiskLayers(source, writer, spec.layers_path, where))
+        result = quantize_model(skeleton, config, ids, progress, store=DiskLayers(source, writer, spec.layers_path))
         result.calibration = {**cal_summary, **result.calibration}
         for n in names:
             if not n.startswith(layer_prefix) and n in writer.floats:

@@ -90,3 +90,22 @@ def test_singular_hessian_is_dampened():
     w, x = _data(inp=64, out=8, tokens=16)  # rank 16 < 64
     qt = gptq_quantize(w, x.t() @ x, 4, 32, True, damp=1e-6)
     assert torch.isfinite(qt.dequantize()).all()
+
+
+@pytest.mark.parametrize("inp,group,sym,act_order", [(256, 32, True, False), (256, 64, False, True), (288, 64, True, False)])
+def test_rows_stacked_give_each_linear_its_own_result(inp, group, sym, act_order):
+    """q/k/v share H: GPTQ on their stacked rows equals GPTQ on each (what GPTQ.quantize_group relies on)."""
+    from types import SimpleNamespace
+
+    from llmopt.quant.gptq import GPTQ
+    from llmopt.recipe import QuantizeConfig
+
+    w, x = _data(inp=inp)
+    h = x.t() @ x
+    parts = {"q": w[:40], "k": w[40:64], "v": w[64:]}
+    method = GPTQ(QuantizeConfig(method="gptq", bits=4, group_size=group, symmetric=sym, act_order=act_order, block_size=64))
+    joint = method.quantize_group(SimpleNamespace(stats=SimpleNamespace(h=h)), parts)
+    for name, part in parts.items():
+        alone = gptq_quantize(part, h, 4, group, sym, damp=0.01, block_size=64, act_order=act_order)
+        assert torch.equal(joint[name].q, alone.q)
+        torch.testing.assert_close(joint[name].scale, alone.scale, rtol=1e-6, atol=0)

@@ -1,0 +1,66 @@
+"""Peak memory of the streaming stages, measured on a child process: load and RTN quantize of a ~380 MB
+float32 checkpoint must stay within a fraction of the model bytes above the interpreter's own baseline
+(the same command on a tiny preset). Materializing the model would cost at least 1x the model bytes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+LLMOPT = [sys.executable, "-m", "llmopt", "-q"]
+# the peak RSS of the command's process (its only child), in KB
+PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    r = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.split()[-1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory) -> tuple[Path, int]:
+    """A random Llama (hidden 1024, 6 layers, vocab 8192, untied), float32, written tensor by tensor."""
+    import transformers
+
+    from llmopt.models import presets
+    from llmopt.models.loader import expected_tensors
+    from llmopt.models.registry import spec_for
+    from llmopt.models.safetensors_io import CheckpointWriter, TensorSpec
+
+    src = tmp_path_factory.mktemp("big") / "hf"
+    src.mkdir()
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                                   num_attention_heads=16, num_key_value_heads=16, vocab_size=8192,
+                                   tie_word_embeddings=False)
+    expected, _ = expected_tensors(cfg, spec_for("llama"))
+    plan = [TensorSpec(n, torch.float32, s) for n, s in expected.items()]
+    g = torch.Generator().manual_seed(0)
+    with CheckpointWriter(src, plan) as w:
+        for s in plan:
+            w.write(s.name, torch.ones(s.shape) if len(s.shape) == 1 else torch.randn(s.shape, generator=g) * 0.02)
+    cfg.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((presets.TINY_TRAINED / f).read_bytes())
+    return src, sum(s.nbytes for s in plan)
+
+
+@pytest.mark.slow
+def test_load_and_rtn_quantize_hold_a_tensor_not_the_model(big_checkpoint, tmp_path):
+    src, nbytes = big_checkpoint
+    assert nbytes > 350e6
+    model_mb = nbytes / 2**20
+    base = peak_rss_mb([*LLMOPT, "load", "preset:tiny-llama", "-o", str(tmp_path / "tiny")])
+    load = peak_rss_mb([*LLMOPT, "load", str(src), "-o", str(tmp_path / "ckpt")])
+    quant = peak_rss_mb([*LLMOPT, "quantize", str(tmp_path / "ckpt"), "-o", str(tmp_path / "q"), "--bits", "4"])
+    meta = json.loads((tmp_path / "q" / "manifest.json").read_text())["metadata"]
+    assert meta["streaming"] == "per tensor (no model)" and meta["quantized_linears"] == 6 * 7
+    # largest tensor: the 8192 x 1024 embedding, 32 MB; a few float32 copies of one tensor are allowed
+    for name, peak in (("load", load), ("quantize", quant)):
+        assert peak - base < 0.25 * model_mb, (name, peak, base, model_mb)
