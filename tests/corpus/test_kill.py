@@ -42,6 +42,7 @@ def _no_leftovers_reused(work: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # 27 converts in one work dir: over the suite's 900 s per-test default on a slow runner
 def test_kill_9_at_every_point_of_every_stage_then_rerun(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
