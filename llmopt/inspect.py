@@ -23,7 +23,20 @@ def describe(directory: Path) -> dict:
     }
     if (art.path / "io.json").exists():
         info["io"] = check_io_json(art.path)
+    info["next_stage_estimate"] = next_stage_estimate(art)
     return info
+
+
+def next_stage_estimate(art) -> dict | None:  # noqa: ANN001
+    """What the stage that reads this artifact would need with default settings (headers only)."""
+    from llmopt import estimates
+    from llmopt.recipe import BuildConfig, ExportConfig
+
+    if art.kind == "checkpoint":
+        return {"stage": "export", **estimates.export_estimate(ExportConfig(), [art]).to_json()}
+    if art.kind == "onnx":
+        return {"stage": "build", **estimates.build_estimate(BuildConfig(), [art]).to_json()}
+    return None
 
 
 def render(info: dict, console: Console) -> None:
@@ -43,6 +56,16 @@ def render(info: dict, console: Console) -> None:
         g = lambda k: io.get(k, "?")  # noqa: E731
         console.print(f"{g('num_layers')} layers, {g('num_heads')} heads / {g('num_kv_heads')} KV heads, "
                       f"head_dim {g('head_dim')}, vocab {g('vocab_size')}, KV layout {g('kv_layout')}")
+    res = info["metadata"].get("resources")
+    if res:
+        m, e = res["measured"], res.get("estimate")
+        console.print(f"resources: peak RSS {m['peak_rss_bytes'] / 1e9:.2f} GB"
+                      + (f" (estimated {e['peak_rss_bytes'] / 1e9:.2f} GB)" if e else "")
+                      + f", wrote {m['disk_bytes'] / 1e9:.2f} GB in {m['seconds']:.1f}s", highlight=False)
+    nxt = info.get("next_stage_estimate")
+    if nxt:
+        console.print(f"{nxt['stage']} (defaults) would need ~{nxt['peak_rss_bytes'] / 1e9:.2f} GB RSS, "
+                      f"~{nxt['disk_bytes'] / 1e9:.2f} GB disk, ~{nxt['seconds']:.0f}s", highlight=False)
     md = {k: v for k, v in info["metadata"].items() if not isinstance(v, (dict, list))}
     if md:
         console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in md.items()), highlight=False)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from llmopt import faults
+from llmopt import faults, resources
 
 from llmopt.artifact import (Artifact, cache_key, commit, file_table, lineage, load_manifest, new_manifest,
                              problems_of, staging_dir, sweep_stale, write_manifest)
@@ -120,12 +120,16 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
     elif existing is not None:
         why = "--force" if force and existing["key"] == key else "inputs or config changed"
         log(f"[yellow]↻[/] {stage.name}: rebuilding {out} ({why})")
+    with reading(_read_from(config, inputs), "input" if inputs else "source"):  # preflight reads the inputs too
+        estimate = stage.estimate(config, inputs)
+    resources.check(stage.name, estimate, out, force)
     sweep_stale(out)
     started = time.time()
     with staging_dir(out) as tmp:
         faults.point(stage.name, "staged")
-        with reading(_read_from(config, inputs), "input" if inputs else "source"):
+        with reading(_read_from(config, inputs), "input" if inputs else "source"), resources.measure(estimate) as usage:
             metadata = stage.run(config, inputs, tmp, progress)
+        metadata = {**metadata, "resources": usage.record(tmp)}
         faults.point(stage.name, "ran")
         manifest = new_manifest(stage=stage.name, kind=stage.kind, key=key, inputs=inputs, config=resolved,
                                 metadata=metadata, directory=tmp, started=started, finished=time.time())

@@ -126,7 +126,7 @@ def peers_python() -> Path:
     return py
 
 
-def llmopt_artifacts(work: Path) -> dict[str, Path]:
+def llmopt_artifacts(work: Path, source: str = "preset:bench-246m") -> dict[str, Path]:
     """float and int4 checkpoints, exports and ONNX Runtime engines (reused when up to date)."""
     from llmopt.artifact import open_artifact
     from llmopt.recipe import BuildConfig, ExportConfig, LoadConfig, QuantizeConfig
@@ -136,7 +136,7 @@ def llmopt_artifacts(work: Path) -> dict[str, Path]:
     def log(m: str) -> None:
         print(m, file=sys.stderr)
 
-    ckpt = run_stage(load.STAGE, LoadConfig(source="preset:bench-246m"), [], work / "ckpt", log=log).artifact
+    ckpt = run_stage(load.STAGE, LoadConfig(source=source), [], work / "ckpt", log=log).artifact
     onnx_fp = run_stage(export.STAGE, ExportConfig(), [ckpt], work / "onnx", log=log).artifact
     onnx_q = {}
     for group, suffix in ((32, ""), (128, "-g128")):
@@ -191,6 +191,8 @@ def dir_bytes(path: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("work/peers"))
+    ap.add_argument("--source", default="preset:bench-246m",
+                    help="what `llmopt load` reads (e.g. the SmolLM2 .gguf from scripts/fetch_smollm2.py)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -211,7 +213,7 @@ def main() -> int:
 
     console = Console(stderr=True)
     work = args.workdir.resolve()
-    arts = llmopt_artifacts(work)
+    arts = llmopt_artifacts(work, args.source)
     py = peers_python()
     hf = hf_dir_for_genai(arts["ckpt"], work / "hf")
     genai = {"int4": genai_model(py, hf, work / "genai-int4", "int4"),

@@ -3,11 +3,13 @@ headers; a tensor's bytes are read only when its ONNX initializer is written."""
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from llmopt.errors import UserError
 from llmopt.models.loader import weight_files
@@ -31,6 +33,28 @@ class TensorInfo:
         return n
 
 
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name → (dtype, shape) from a safetensors file's header (8-byte length + JSON); no data is read."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+        out = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["data_offsets"][1] + 8 + n > size:
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            out[name] = (entry["dtype"], tuple(entry["shape"]))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise UserError(f"{path}: corrupt safetensors file ({str(exc).splitlines()[0][:120]})",
+                        "re-download or re-save the checkpoint") from None
+
+
 class CheckpointTensors:
     """Every tensor of an HF-layout checkpoint directory (one file or shards with an index), lazily."""
 
@@ -41,14 +65,8 @@ class CheckpointTensors:
             if f.suffix != ".safetensors":
                 raise UserError(f"{f}: the streaming stages read safetensors, not pickle weights",
                                 "convert the checkpoint with `llmopt load` first")
-            try:
-                with safe_open(str(f), framework="pt") as sf:
-                    for name in sf.keys():
-                        sl = sf.get_slice(name)
-                        self.info[name] = TensorInfo(f, sl.get_dtype(), tuple(sl.get_shape()))
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise UserError(f"{f}: corrupt safetensors file ({str(exc).splitlines()[0][:120]})",
-                                "re-download or re-save the checkpoint") from None
+            for name, (dtype, shape) in read_header(f).items():
+                self.info[name] = TensorInfo(f, dtype, shape)
 
     def __contains__(self, name: str) -> bool:
         return name in self.info

@@ -30,5 +30,7 @@ class Stage:
     packages: tuple[str, ...] = field(default=("torch", "transformers"))  # versions that change the output
     # the file the stage reads when its config leaves a path unset (shipped text): its content is in the key
     default_file: Callable[[Any], Path | None] = lambda config: None
+    # predicted peak RSS / disk / time from the config and the inputs' headers (llmopt.estimates); None: unknown
+    estimate: Callable[[Any, list[Artifact]], Any] = lambda config, inputs: None
     # what else decides the output besides config and input keys (validate: the effective default gates)
     key_extra: Callable[[Any, list[Artifact]], Any] = lambda config, inputs: None

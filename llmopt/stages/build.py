@@ -34,5 +34,14 @@ def run(config: BuildConfig, inputs: list[Artifact], out: Path, progress: Progre
     return {**build_ort.run(config, inputs, out, progress), "assets": copied}
 
 
-STAGE = Stage(name="build", kind="engine", version=2, config_model=BuildConfig, run=run, input_kinds=("onnx",),
-              packages=("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"), default_file=default_file)
+def estimate(config: BuildConfig, inputs: list[Artifact]):  # noqa: ANN201 - Estimate | None
+    if config.backend != "onnxruntime":
+        return None  # TensorRT builds on the GPU; host memory is not what limits it
+    from llmopt.estimates import build_estimate
+
+    return build_estimate(config, inputs)
+
+
+STAGE = Stage(name="build", kind="engine", version=3, config_model=BuildConfig, run=run, input_kinds=("onnx",),
+              packages=("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"), default_file=default_file,
+              estimate=estimate)

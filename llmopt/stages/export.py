@@ -1,6 +1,6 @@
 """export: checkpoint → ONNX with the KV cache as explicit inputs/outputs and dynamic axes, streamed.
 
-The structure is traced on the meta device (no weights, :mod:`llmopt.export.trace`), the checkpoint's
+The structure is traced without reading any weight (:mod:`llmopt.export.trace`), the checkpoint's
 tensors are attached lazily (:mod:`llmopt.export.bind`) and written into the external-data file one at a
 time, so the stage holds about one tensor of weights whatever the model size.
 """
@@ -15,8 +15,9 @@ import onnx_ir as ir
 import torch
 
 from llmopt.artifact import Artifact
+from llmopt.estimates import export_estimate
 from llmopt.export.bind import bind_weights, quantize_activations
-from llmopt.export.trace import meta_model, trace
+from llmopt.export.trace import empty_model, trace
 from llmopt.export.weights import CheckpointTensors
 from llmopt.export.wrapper import io_description
 from llmopt.models.loader import DTYPES, read_config
@@ -41,7 +42,7 @@ def _name_dims(model: ir.Model, io: dict) -> None:
 
 
 def _drop_identity_reshapes(model: ir.Model) -> int:
-    """Remove Reshapes whose input and output have the same fully named shape (the meta-device trace keeps
+    """Remove Reshapes whose input and output have the same fully named shape (a trace may keep
     transformers' ``reshape(batch, -1, q_len, head_dim)`` after attention, which a real-tensor trace drops)."""
     dropped = 0
     for node in list(model.graph):
@@ -79,7 +80,7 @@ def export_checkpoint(path: Path, out: Path, opset: int, dtype: str, progress: P
                                                 ("method", "bits", "group_size", "symmetric", "activations")}
     dims = dims_of(config)
     io = io_description(dims, dtype, opset, quantization)
-    model = meta_model(config, spec, DTYPES[dtype])
+    model = empty_model(config, spec, DTYPES[dtype])
     with progress.task(f"trace the graph (opset {opset}, {dtype}, no weights)"):
         graph = trace(model, opset, DTYPES[dtype], [t["name"] for t in io["inputs"]],
                       [t["name"] for t in io["outputs"]])
@@ -117,4 +118,5 @@ def run(config: ExportConfig, inputs: list[Artifact], out: Path, progress: Progr
 
 
 STAGE = Stage(name="export", kind="onnx", version=2, config_model=ExportConfig, run=run,
-              input_kinds=("checkpoint",), packages=("torch", "transformers", "onnx", "onnxscript", "onnx-ir"))
+              input_kinds=("checkpoint",), packages=("torch", "transformers", "onnx", "onnxscript", "onnx-ir"),
+              estimate=export_estimate)

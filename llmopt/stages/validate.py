@@ -1,5 +1,9 @@
 """validate: prove an artifact is faithful to the PyTorch model it came from, with numbers.
 
+Memory: the references run first, one at a time, at their stored size (:mod:`llmopt.runtime.reference`);
+what the checks need from them (a few logits, the teacher-forced logits in a memory-mapped scratch file,
+greedy tokens) is kept and each model is freed before the next; the artifact opens last, alone.
+
 Sections: ``conversion`` compares the artifact with its own checkpoint (for a quantized artifact,
 the dequantized checkpoint), ``quantization`` compares it with the unquantized checkpoint. Each
 runs the same checks through the same generation loop: logits error on a left-padded batch
@@ -9,13 +13,18 @@ with the KV cache.
 
 from __future__ import annotations
 
+import gc
 import json
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llmopt.artifact import Artifact, lineage
 from llmopt.errors import UserError
+from llmopt.estimates import validate_estimate
 from llmopt.gates import effective_gates, profile_of
 from llmopt.metrics import logits_error, summarize, token_arrays
 from llmopt.models import presets
@@ -26,6 +35,8 @@ from llmopt.runtime import assets
 from llmopt.runtime.base import DecoderSession
 from llmopt.runtime.generate import first_divergence, greedy, left_pad
 from llmopt.runtime.open import artifact_bytes, open_session
+from llmopt.runtime.reference import load_reference
+from llmopt.runtime.torch_session import TorchSession
 from llmopt.stages.base import Stage
 from llmopt.validate_report import evaluate_gates, write_report
 
@@ -51,37 +62,79 @@ def prompts_from(ids: list[int], config: ValidateConfig, tokenizer) -> list[list
     return [ids[s:s + n] for s, n in zip(starts, PROMPT_LENGTHS)]
 
 
-def logits_check(test: DecoderSession, ref: DecoderSession, prompts: list[list[int]]) -> dict:
+@dataclass
+class Reference:
+    """What one reference model produced, kept so that the model is gone before the artifact opens."""
+
+    artifact: Artifact
+    mask: np.ndarray
+    prefill: np.ndarray           # [batch, seq, vocab] logits of the padded batch
+    next_ids: np.ndarray          # its argmax at the last position, fed to both decodes
+    decode: np.ndarray            # [batch, 1, vocab]
+    windows: np.ndarray           # [n_windows, WINDOW, vocab] teacher-forced logits (memory-mapped file)
+    greedy: np.ndarray            # [batch, decode_tokens]
+
+
+def _windows(ids: list[int]) -> list[np.ndarray]:
+    n = (len(ids) - 1) // WINDOW
+    return [np.array(ids[i * WINDOW:(i + 1) * WINDOW + 1], np.int64) for i in range(n)]
+
+
+def reference_pass(ref_art: Artifact, ids: list[int], prompts: list[list[int]], config: ValidateConfig,
+                   scratch: Path, progress: Progress, label: str) -> Reference:
+    """Run the PyTorch reference alone (weights at their stored size) and free it before returning."""
+    with progress.task(f"{label}: load the reference"):
+        model = load_reference(ref_art.path)
+    ref = TorchSession(model)
+    with progress.task(f"{label}: reference logits, teacher-forced windows and greedy decode"):
+        batch, mask = left_pad(prompts)
+        prefill = ref.prefill(batch, mask)
+        nxt = prefill[:, -1].argmax(-1)
+        decode = ref.decode(nxt)
+        windows = _windows(ids)
+        store = np.lib.format.open_memmap(scratch / f"{label}.npy", mode="w+", dtype=np.float32,
+                                          shape=(len(windows), WINDOW, ref.dims.vocab_size))
+        for b in range(0, len(windows), WINDOW_BATCH):
+            chunk = np.stack(windows[b:b + WINDOW_BATCH])
+            store[b:b + len(chunk)] = ref.prefill(chunk[:, :-1])
+        store.flush()
+        tokens = greedy(ref, prompts, config.decode_tokens).tokens
+    del ref, model
+    gc.collect()
+    return Reference(ref_art, mask, prefill, nxt, decode, store, tokens)
+
+
+def logits_check(test: DecoderSession, ref: Reference, prompts: list[list[int]]) -> dict:
     ids, mask = left_pad(prompts)
-    t_logits, r_logits = test.prefill(ids, mask), ref.prefill(ids, mask)
+    t_logits = test.prefill(ids, mask)
     shape_ok = t_logits.shape == (*ids.shape, test.dims.vocab_size)
-    prefill = logits_error(r_logits, t_logits, mask)
-    nxt = r_logits[:, -1].argmax(-1)
-    decode = logits_error(ref.decode(nxt), test.decode(nxt))
+    prefill = logits_error(ref.prefill, t_logits, mask)
+    decode = logits_error(ref.decode, test.decode(ref.next_ids))
     return {"batch": len(prompts), "lengths": [len(p) for p in prompts], "shape_ok": bool(shape_ok),
             "logits_shape": list(t_logits.shape), "prefill": prefill, "decode": decode,
             "max_rel": max(prefill["max_rel"], decode["max_rel"])}
 
 
-def teacher_forced(test: DecoderSession, ref: DecoderSession, ids: list[int], advance) -> dict:  # noqa: ANN001
-    n = (len(ids) - 1) // WINDOW
-    windows = [ids[i * WINDOW:(i + 1) * WINDOW + 1] for i in range(n)]
-    parts = []
-    for b in range(0, n, WINDOW_BATCH):
-        chunk = np.array(windows[b:b + WINDOW_BATCH], np.int64)
+def teacher_forced(test: DecoderSession, refs: list[Reference], ids: list[int], advance) -> list[dict]:  # noqa: ANN001
+    """The artifact's logits on each window, compared with every reference's (read back from disk)."""
+    windows = _windows(ids)
+    parts: list[list[dict]] = [[] for _ in refs]
+    for b in range(0, len(windows), WINDOW_BATCH):
+        chunk = np.stack(windows[b:b + WINDOW_BATCH])
         x, y = chunk[:, :-1], chunk[:, 1:]
-        t, r = test.prefill(x), ref.prefill(x)
-        parts.append(token_arrays(r.reshape(-1, r.shape[-1]), t.reshape(-1, t.shape[-1]), y.reshape(-1)))
+        t = test.prefill(x)
+        for ref, out in zip(refs, parts):
+            r = np.asarray(ref.windows[b:b + len(chunk)])
+            out.append(token_arrays(r.reshape(-1, r.shape[-1]), t.reshape(-1, t.shape[-1]), y.reshape(-1)))
         advance(len(chunk))
-    return summarize(parts)
+    return [summarize(p) for p in parts]
 
 
-def greedy_check(test: DecoderSession, ref: DecoderSession, prompts: list[list[int]], n: int) -> dict:
-    a, b = greedy(test, prompts, n), greedy(ref, prompts, n)
-    div = first_divergence(a.tokens, b.tokens)
+def greedy_check(test_tokens: np.ndarray, ref: Reference, n: int) -> dict:
+    div = first_divergence(test_tokens, ref.greedy)
     prefix = [n if d is None else d for d in div]
-    return {"new_tokens": n, "prompts": len(prompts), "first_divergence": div,
-            "agreement": float(np.mean(prefix) / n), "token_match": float((a.tokens == b.tokens).mean())}
+    return {"new_tokens": n, "prompts": len(test_tokens), "first_divergence": div,
+            "agreement": float(np.mean(prefix) / n), "token_match": float((test_tokens == ref.greedy).mean())}
 
 
 def latency(test: DecoderSession, prompt: list[int], n: int) -> dict:
@@ -91,20 +144,8 @@ def latency(test: DecoderSession, prompt: list[int], n: int) -> dict:
             "decode_ms_p90": g.decode_ms_p90, "tokens_per_s": 1e3 / g.decode_ms_median}
 
 
-def section(test: DecoderSession, ref_art: Artifact, ids: list[int], prompts, config: ValidateConfig,
-            progress: Progress, label: str) -> dict:
-    ref = open_session(ref_art)
-    with progress.task(f"{label}: logits on a padded batch"):
-        logits = logits_check(test, ref, prompts)
-    with progress.task(f"{label}: teacher-forced eval", total=(len(ids) - 1) // WINDOW) as adv:
-        tf = teacher_forced(test, ref, ids, adv)
-    with progress.task(f"{label}: greedy {config.decode_tokens} tokens"):
-        gen = greedy_check(test, ref, prompts, config.decode_tokens)
-    return {"reference": str(ref_art.path), "reference_key": ref_art.key, "logits": logits,
-            "teacher_forced": tf, "greedy": gen}
-
-
 def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Progress) -> dict:
+    """References first, one at a time, each freed before the next; then the artifact alone."""
     artifact, own_ref, *rest = inputs
     found = assets.source_dir(artifact)  # the engine's own tokenizer, else its lineage's
     tokenizer = load_tokenizer(found[0] if found else own_ref.path)
@@ -112,16 +153,33 @@ def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Pro
         raise UserError(f"{own_ref.path}: checkpoint has no tokenizer files", "copy the tokenizer into the checkpoint")
     ids = eval_ids(config, tokenizer)
     prompts = prompts_from(ids, config, tokenizer)
-    with progress.task("open artifact session"):
-        test = open_session(artifact)
-    io_problems = test.io_check() if hasattr(test, "io_check") else []
-    report: dict = {"artifact": str(artifact.path), "artifact_key": artifact.key, "backend": test.backend,
-                    "artifact_bytes": artifact_bytes(artifact), "io": {"problems": io_problems}}
-    report["conversion"] = section(test, own_ref, ids, prompts, config, progress, "conversion")
-    if rest:
-        report["quantization"] = section(test, rest[0], ids, prompts, config, progress, "quantization")
-    with progress.task("latency"):
-        report["latency"] = latency(test, ids[:128], max(config.decode_tokens, 16))
+    labels = ["conversion"] + (["quantization"] if rest else [])
+    scratch = Path(tempfile.mkdtemp(prefix=".reference-", dir=out))
+    try:
+        refs = [reference_pass(art, ids, prompts, config, scratch, progress, label)
+                for art, label in zip([own_ref, *rest[:1]], labels)]
+        with progress.task("open artifact session"):
+            test = open_session(artifact)
+        io_problems = test.io_check() if hasattr(test, "io_check") else []
+        report: dict = {"artifact": str(artifact.path), "artifact_key": artifact.key, "backend": test.backend,
+                        "artifact_bytes": artifact_bytes(artifact), "io": {"problems": io_problems}}
+        sections = {label: {"reference": str(r.artifact.path), "reference_key": r.artifact.key} for label, r in zip(labels, refs)}
+        with progress.task("artifact: logits on a padded batch"):
+            for label, r in zip(labels, refs):
+                sections[label]["logits"] = logits_check(test, r, prompts)
+        with progress.task("artifact: teacher-forced eval", total=len(_windows(ids))) as adv:
+            for label, tf in zip(labels, teacher_forced(test, refs, ids, adv)):
+                sections[label]["teacher_forced"] = tf
+        with progress.task(f"artifact: greedy {config.decode_tokens} tokens"):
+            tokens = greedy(test, prompts, config.decode_tokens).tokens
+            for label, r in zip(labels, refs):
+                sections[label]["greedy"] = greedy_check(tokens, r, config.decode_tokens)
+        report.update(sections)
+        with progress.task("latency"):
+            report["latency"] = latency(test, ids[:128], max(config.decode_tokens, 16))
+    finally:
+        refs = []
+        shutil.rmtree(scratch, ignore_errors=True)
     gates, source = _gates(config, inputs)
     report["gates"] = {"source": source, "gated": config.gates != "none", **gates.model_dump()}
     report["checks"] = evaluate_gates(report, gates)
@@ -137,7 +195,7 @@ def _gates(config: ValidateConfig, inputs: list[Artifact]):  # noqa: ANN202
 
 STAGE = Stage(name="validate", kind="report", version=1, config_model=ValidateConfig, run=run,
               input_kinds=("engine", "onnx"), packages=("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
-              default_file=lambda config: presets.DEFAULT_EVAL_TEXT,
+              default_file=lambda config: presets.DEFAULT_EVAL_TEXT, estimate=validate_estimate,
               key_extra=lambda config, inputs: _gates(config, inputs)[0].model_dump())
 
 

@@ -1,0 +1,103 @@
+"""Preflight and measurement of a stage's memory, disk and time.
+
+Before a stage runs, its estimator (``Stage.estimate``, in :mod:`llmopt.estimates`) predicts the peak RSS of
+the process, the bytes it writes and roughly how long it takes, from the config and the tensor shapes (file
+headers only). The stage is refused with one line when the prediction does not fit in the memory
+available now or the free disk (``--force`` overrides). While it runs, a sampler thread records the
+process's peak RSS; the manifest keeps estimate and measurement side by side (``metadata.resources``) so
+the estimators can be checked against real runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from llmopt.errors import UserError
+
+GB = 1e9
+SAMPLE_S = 0.05
+
+
+@dataclass(frozen=True)
+class Estimate:
+    peak_rss_bytes: int           # of the whole process, baseline included
+    disk_bytes: int               # written into the output directory
+    seconds: float                # rough, for this machine class
+    basis: dict = field(default_factory=dict)  # the sizes it was computed from
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "peak_rss_gb": round(self.peak_rss_bytes / GB, 3), "disk_gb": round(self.disk_bytes / GB, 3)}
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _free_disk(out: Path) -> int:
+    p = Path(out).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check(stage: str, estimate: Estimate | None, out: Path, force: bool) -> None:
+    """Refuse (one line, exit 1) when the estimate does not fit; ``force`` runs anyway."""
+    if estimate is None or force:
+        return
+    available = psutil.virtual_memory().available + rss()  # this process's own pages count towards its peak
+    if estimate.peak_rss_bytes > available:
+        raise UserError(f"{stage}: needs about {estimate.peak_rss_bytes / GB:.1f} GB of memory (estimated peak RSS), "
+                        f"{available / GB:.1f} GB available", "free memory, use a smaller dtype, or pass --force to try anyway")
+    free = _free_disk(out)
+    if estimate.disk_bytes > free:
+        raise UserError(f"{stage}: writes about {estimate.disk_bytes / GB:.1f} GB, {free / GB:.1f} GB free at {out}",
+                        "free disk space or choose another output directory (--force to try anyway)")
+
+
+class Usage:
+    """Peak RSS of this process while the stage runs, sampled every 50 ms (plus ru_maxrss-free start/end)."""
+
+    def __init__(self, estimate: Estimate | None) -> None:
+        self.estimate = estimate
+        self.start_rss = rss()
+        self.peak = self.start_rss
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(SAMPLE_S):
+            self.peak = max(self.peak, proc.memory_info().rss)
+
+    def record(self, directory: Path) -> dict:
+        disk = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+        measured = {"peak_rss_bytes": self.peak, "start_rss_bytes": self.start_rss, "disk_bytes": disk,
+                    "seconds": round(self.seconds, 2), "peak_rss_gb": round(self.peak / GB, 3)}
+        out: dict = {"measured": measured}
+        if self.estimate is not None:
+            out["estimate"] = self.estimate.to_json()
+            out["peak_rss_ratio"] = round(self.peak / max(1, self.estimate.peak_rss_bytes), 3)
+        return out
+
+
+@contextmanager
+def measure(estimate: Estimate | None) -> Iterator[Usage]:
+    usage = Usage(estimate)
+    usage._thread.start()
+    try:
+        yield usage
+    finally:
+        usage._stop.set()
+        usage._thread.join()
+        usage.peak = max(usage.peak, rss())
+        usage.seconds = time.perf_counter() - usage.started

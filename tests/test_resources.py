@@ -1,0 +1,67 @@
+"""Preflight: estimates from headers only, refusal when they do not fit, estimate vs measured in the manifest."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llmopt.artifact import Artifact
+from llmopt.errors import UserError
+from llmopt.estimates import export_estimate
+from llmopt.recipe import ExportConfig
+from llmopt.resources import Estimate, check
+
+
+def _sparse_checkpoint(directory: Path, vocab: int, hidden: int = 64) -> None:
+    """A Llama checkpoint whose embedding is ``vocab x hidden`` float32, as a sparse file: the header says how
+    big it is, no byte of it is on disk (so only a header-reading estimator can handle it)."""
+    directory.mkdir()
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+           "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "vocab_size": vocab, "tie_word_embeddings": True, "max_position_embeddings": 128}
+    (directory / "config.json").write_text(json.dumps(cfg))
+    n = vocab * hidden * 4
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [vocab, hidden],
+                                                       "data_offsets": [0, n]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(directory / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + n)
+
+
+def test_export_estimate_reads_headers_only_and_refuses_what_cannot_fit(tmp_path):
+    total = psutil.virtual_memory().total
+    vocab = int(total // (64 * 4)) + 1  # one float32 embedding larger than all the memory of this machine
+    _sparse_checkpoint(tmp_path / "big", vocab)
+    art = Artifact(tmp_path / "big", {"kind": "checkpoint", "stage": "load", "key": "x", "metadata": {}})
+    est = export_estimate(ExportConfig(), [art])
+    assert est.basis["largest_tensor_out"] == vocab * 64 * 4
+    assert est.peak_rss_bytes > total and est.disk_bytes >= vocab * 64 * 4
+    with pytest.raises(UserError, match=r"export: needs about .* GB of memory .* GB available"):
+        check("export", est, tmp_path / "out", force=False)
+    check("export", est, tmp_path / "out", force=True)  # --force runs anyway
+    half = export_estimate(ExportConfig(dtype="float16"), [art])
+    assert half.basis["largest_tensor_out"] == vocab * 64 * 2
+
+
+def test_disk_refusal(tmp_path):
+    with pytest.raises(UserError, match="writes about .* GB free"):
+        check("build", Estimate(1, 1 << 60, 1.0), tmp_path, force=False)
+
+
+def test_manifest_records_estimate_and_measured_peak(cli, tiny_ckpt, tmp_path):
+    r = cli("export", tiny_ckpt, "-o", tmp_path / "x", "--json")
+    assert r.code == 0, r.err
+    res = r.json()["metadata"]["resources"]
+    assert res["measured"]["peak_rss_bytes"] >= res["measured"]["start_rss_bytes"] > 0
+    assert res["estimate"]["disk_bytes"] > 0 and res["measured"]["disk_bytes"] >= res["estimate"]["disk_bytes"]
+    assert 0 < res["peak_rss_ratio"] < 4
+    r = cli("inspect", tmp_path / "x", "--json")
+    assert r.code == 0
+    info = r.json()
+    assert info["metadata"]["resources"]["estimate"]["peak_rss_bytes"] == res["estimate"]["peak_rss_bytes"]
+    assert info["next_stage_estimate"]["stage"] == "build"
