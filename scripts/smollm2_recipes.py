@@ -65,13 +65,16 @@ def convert(recipe: Path, gguf: Path, work: Path) -> dict:
         out["result"] = json.loads(r.stdout)
     except ValueError:
         out["stderr"] = r.stderr[-1500:]
-    times = {}
+    times, rss = {}, {}
     for d in ("checkpoint", "quantized", "onnx", "engine", "report"):
         m = work / d / "manifest.json"
         if m.exists():
             man = json.loads(m.read_text())
             times[man["stage"]] = man["duration_s"]
-    out["stage_s"] = times
+            measured = ((man.get("metadata") or {}).get("resources") or {}).get("measured") or {}
+            if "peak_rss_gb" in measured:
+                rss[man["stage"]] = measured["peak_rss_gb"]
+    out["stage_s"], out["peak_rss_gb"] = times, rss
     report = work / "report" / "report.json"
     if report.exists():
         rep = json.loads(report.read_text())
@@ -81,9 +84,9 @@ def convert(recipe: Path, gguf: Path, work: Path) -> dict:
     return out
 
 
-def held_out(engine: Path, text: Path, out: Path) -> dict:
+def held_out(engine: Path, text: Path, out: Path, tokens: int) -> dict:
     r = subprocess.run([LLMOPT, "-q", "validate", str(engine), "-o", str(out), "--eval-text", str(text), "--json",
-                        "--eval-tokens", "5120", "--decode-tokens", "32"], capture_output=True, text=True)
+                        "--eval-tokens", str(tokens), "--decode-tokens", "32"], capture_output=True, text=True)
     rep = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
     q = rep.get("quantization") or rep.get("conversion") or {}
     tf = q.get("teacher_forced", {})
@@ -96,6 +99,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "smollm2")
     ap.add_argument("--recipes", default="", help="comma-separated recipe names (default: all non-TensorRT)")
+    ap.add_argument("--held-out-tokens", type=int, default=5120, help="teacher-forced tokens of the held-out "
+                    "validation (0: skip it; the recipe's own validate still runs)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "scripts"))
     from fetch_smollm2 import fetch
@@ -109,11 +114,15 @@ def main() -> int:
     for recipe in recipes([r for r in args.recipes.split(",") if r]):
         print(f"[{time.strftime('%H:%M:%S')}] {recipe.stem}", file=sys.stderr)
         res = convert(recipe, gguf, work / recipe.stem)
-        if (work / recipe.stem / "engine" / "manifest.json").exists():
-            res["python_docs"] = held_out(work / recipe.stem / "engine", text, work / recipe.stem / "report-python-docs")
-        print(json.dumps({k: res.get(k) for k in ("rc", "wall_s", "stage_s", "passed", "python_docs")}), file=sys.stderr)
+        if args.held_out_tokens and (work / recipe.stem / "engine" / "manifest.json").exists():
+            res["python_docs"] = held_out(work / recipe.stem / "engine", text, work / recipe.stem / "report-python-docs",
+                                          args.held_out_tokens)
+        print(json.dumps({k: res.get(k) for k in ("rc", "wall_s", "stage_s", "peak_rss_gb", "passed", "checks",
+                                                   "python_docs")}), file=sys.stderr)
         results.append(res)
-        (work / "results.json").write_text(json.dumps(results, indent=2))
+        found = work / "results.json"
+        previous = [r for r in (json.loads(found.read_text()) if found.exists() else []) if r["recipe"] != res["recipe"]]
+        found.write_text(json.dumps(previous + [res], indent=2))
     return 0
 
 
