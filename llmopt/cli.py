@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 
 from llmopt import __version__
+from llmopt.cli_values import gates as _gates, triple as _triple
 from llmopt.errors import GateFailed, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -146,18 +145,6 @@ def export_cmd(ckpt: Annotated[Path, typer.Argument(help="Checkpoint artifact di
     emit(_stage_result(run), as_json)
 
 
-def _triple(text: Optional[str], name: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        vals = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"--{name} {text!r}: expected MIN,OPT,MAX integers", f"e.g. --{name} 1,128,1024") from None
-    if len(vals) != 3:
-        raise UserError(f"--{name} {text!r}: expected three values MIN,OPT,MAX")
-    return vals
-
-
 @app.command("build")
 def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONNX artifact directory.")], output: OutOpt,
               backend: Annotated[str, typer.Option(help="onnxruntime | tensorrt")] = "onnxruntime",
@@ -199,23 +186,6 @@ def build_cmd(onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX", help="ONN
     check_envelope_against_lineage(cfg.envelope.total_len[2], src)
     run = run_stage(build.STAGE, cfg, [src], output, force=force, progress=_progress(), log=_log)
     emit(_stage_result(run), as_json)
-
-
-def _gates(items: Optional[list[str]], no_gates: bool) -> dict | str:
-    if no_gates or [i.strip().lower() for i in items or []] == ["none"]:
-        if no_gates and items:
-            raise UserError("--no-gates and --gate together: choose one")
-        return "none"
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--gate {item!r}: expected NAME=VALUE", "e.g. --gate min_top1_agreement=0.98")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = float(v)
-        except ValueError:
-            raise UserError(f"--gate {item!r}: value is not a number") from None
-    return out
 
 
 @app.command("validate")
@@ -363,7 +333,7 @@ def serve_cmd(engine: Annotated[Path, typer.Argument(help="Engine (or ONNX / che
               as_json: JsonOpt = False) -> None:
     """OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching."""
     try:
-        from llmopt.serve.server import bind, serve
+        from llmopt.serve.server import bind, ready_event, serve
     except ImportError as exc:
         raise UserError(f"serving needs {exc.name}", "pip install 'llmopt[serve]'") from None
     from llmopt.serve.engine import open_engine
@@ -371,11 +341,7 @@ def serve_cmd(engine: Annotated[Path, typer.Argument(help="Engine (or ONNX / che
     _quiet_libraries()
     sock = bind(host, port)
     eng = open_engine(engine, max_batch=max_batch, threads=threads, chunk=prefill_chunk, name=model_name)
-    bound_host, bound_port = sock.getsockname()[:2]
-    ready = {"event": "ready", "url": f"http://{bound_host}:{bound_port}", "host": bound_host, "port": bound_port,
-             "model": eng.name, "engine": str(eng.path), "backend": eng.backend, "batching": eng.batching,
-             "max_batch": eng.slots.max_batch, "capacity": eng.capacity, "chat_template": eng.chat_template,
-             "api_key": api_key is not None}
+    ready = ready_event(eng, sock, api_key)
 
     def on_ready() -> None:
         _log(f"serving [bold]{eng.name}[/] at {ready['url']}/v1 ({eng.batching} batching, max batch "
@@ -423,84 +389,11 @@ def doctor_cmd(as_json: JsonOpt = False) -> None:
     emit(info, as_json)
 
 
-def _click_errors(name: str) -> tuple[type[BaseException], ...]:
-    """Typer vendors its own click; catch both its and click's exception classes."""
-    found = [getattr(click.exceptions, name)]
-    try:
-        from typer._click import exceptions as vendored
-
-        found.append(getattr(vendored, name))
-    except (ImportError, AttributeError):
-        pass
-    return tuple(found)
-
-
-def _error(text: str) -> None:
-    sys.stderr.write(text.rstrip() + "\n")
-    sys.stderr.flush()
-
-
-def _on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001
-    from llmopt.errors import Interrupted
-
-    raise Interrupted(signum)
-
-
-def _install_signal_handlers() -> dict:
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored signal stays ignored (nohup, CI runners)
-            previous[sig] = signal.signal(sig, _on_signal)
-    return previous
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code: 0 ok, 1 user error, 2 gate failed, 130 interrupted, 70 a bug."""
-    try:
-        previous = _install_signal_handlers()
-    except ValueError:  # not the main thread: leave signals alone
-        previous = {}
-    try:
-        return _main(argv)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    """Run the CLI; returns the exit code (see llmopt.entry)."""
+    from llmopt.entry import run
 
-
-def _main(argv: list[str] | None) -> int:
-    from llmopt.errors import BUG_EXIT, INTERRUPTED_EXIT, Interrupted, environment_error
-
-    try:
-        rv = app(args=argv, standalone_mode=False, prog_name="llmopt")
-        return rv if isinstance(rv, int) else 0
-    except _click_errors("UsageError") as exc:
-        _error(f"error: {exc.format_message()}")  # type: ignore[attr-defined]
-        return 1
-    except UserError as exc:
-        _error(f"error: {exc}")
-        return 1
-    except GateFailed as exc:
-        _error(f"validation failed: {'; '.join(exc.failed)}")
-        return 2
-    except Interrupted as exc:
-        _error(f"interrupted ({signal.Signals(exc.signum).name}): nothing was committed, partial output removed")
-        return exc.exit_code
-    except (*_click_errors("Abort"), KeyboardInterrupt):
-        _error("interrupted: nothing was committed, partial output removed")
-        return INTERRUPTED_EXIT
-    except _click_errors("Exit") as exc:
-        return exc.exit_code  # type: ignore[attr-defined]
-    except Exception as exc:  # noqa: BLE001 - the one place that tells user errors from bugs
-        user = environment_error(exc)
-        if user is not None:
-            _error(f"error: {user}")
-            return 1
-        import traceback
-
-        traceback.print_exc()
-        _error(f"llmopt: internal error ({type(exc).__name__}); this is a bug, please report it with the "
-               f"traceback above (exit {BUG_EXIT})")
-        return BUG_EXIT
+    return run(app, argv)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,11 @@ def _checkpoint_sizes(path: Path, out_dtype: str | None = None) -> dict:
 
 
 def _layers(path: Path) -> int:
-    import json
+    from llmopt.readers import read_json
 
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    return int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
+    cfg = read_json(Path(path) / "config.json", "config.json")
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0
+    return layers if isinstance(layers, int) and layers >= 0 else 0  # the stage itself reports a bad value
 
 
 def export_estimate(config, inputs: list[Artifact]) -> Estimate:  # noqa: ANN001

@@ -120,7 +120,8 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
     elif existing is not None:
         why = "--force" if force and existing["key"] == key else "inputs or config changed"
         log(f"[yellow]↻[/] {stage.name}: rebuilding {out} ({why})")
-    estimate = stage.estimate(config, inputs)
+    with reading(_read_from(config, inputs), "input" if inputs else "source"):  # preflight reads the inputs too
+        estimate = stage.estimate(config, inputs)
     resources.check(stage.name, estimate, out, force)
     sweep_stale(out)
     started = time.time()

@@ -47,6 +47,15 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def ready_event(eng: ServedEngine, sock: socket.socket, api_key: str | None) -> dict:
+    """What `llmopt serve --json` prints once the port accepts connections."""
+    host, port = sock.getsockname()[:2]
+    return {"event": "ready", "url": f"http://{host}:{port}", "host": host, "port": port, "model": eng.name,
+            "engine": str(eng.path), "backend": eng.backend, "batching": eng.batching,
+            "max_batch": eng.slots.max_batch, "capacity": eng.capacity, "chat_template": eng.chat_template,
+            "api_key": api_key is not None}
+
+
 def serve(engine: ServedEngine, sock: socket.socket, *, api_key: str | None = None, max_queue: int = 64,
           drain_timeout: float = 60.0, verbose: bool = False, on_ready: Callable[[], None] = lambda: None,
           on_drain: Callable[[], None] = lambda: None) -> None:
