@@ -85,6 +85,23 @@ def _is_gguf(src: Path) -> bool:
     return src.is_dir() and not (src / "config.json").exists() and any(src.glob("*.gguf"))
 
 
+def _validate_fits(recipe: Recipe) -> None:
+    """validate's prompts plus its generated tokens fit the engine the envelope builds (its KV capacity is
+    envelope.total_len max); custom prompts are measured by validate itself, once tokenized."""
+    from llmopt.stages.validate import PROMPT_LENGTHS
+
+    v = recipe.validate_
+    if v.prompts:
+        return
+    need = max(PROMPT_LENGTHS) + max(v.decode_tokens, 16)
+    have = recipe.envelope.total_len[2]
+    if have < need:
+        raise UserError(f"recipe envelope.total_len max {have} is too short for validate: it runs prompts of up to "
+                        f"{max(PROMPT_LENGTHS)} tokens and generates {max(v.decode_tokens, 16)} (validate.decode_tokens, "
+                        f"at least 16), {need} in all", f"set envelope.total_len max to at least {need} or lower "
+                        "validate.decode_tokens in the recipe (or --set)")
+
+
 def _backend(recipe: Recipe) -> None:
     if recipe.build.backend != "tensorrt":
         return
@@ -117,6 +134,7 @@ def preflight(recipe: Recipe, workdir: Path, stages: list[str]) -> None:
         _file("build.kv_calibration.text", recipe.build.kv_calibration.text)
     if "validate" in stages:
         _file("validate.eval_text", recipe.validate_.eval_text)
+        _validate_fits(recipe)
     _backend(recipe)
 
 

@@ -3,6 +3,8 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from llmopt.gates import DEFAULT_GATES, default_gates, effective_gates, markdown_table, profile_of
 from llmopt.recipe import Gates
 
@@ -45,3 +47,26 @@ def test_recipe_overrides_single_gates_and_none_disables():
     assert "overridden: max_kl" in source
     off, source = effective_gates("none", profile)
     assert all(v is None for v in off.model_dump().values()) and source.startswith("none")
+
+
+def test_validate_fits_its_shapes_into_the_engine_context(tmp_path):
+    """An engine with a fixed KV capacity below validate's 256-token windows: the windows and the latency
+    prompt shrink to fit; prompts + generated tokens that cannot fit are refused before any model runs."""
+    import json
+
+    from llmopt.artifact import Artifact
+    from llmopt.errors import UserError
+    from llmopt.stages.validate import check_fits, context_limits
+
+    (tmp_path / "io.json").write_text(json.dumps({"kv_capacity": 128}))
+    eng = Artifact(tmp_path, {"kind": "engine", "stage": "build", "metadata": {"backend": "onnxruntime"}, "config": {}})
+    assert context_limits(eng) == (128, 128)
+    check_fits(128, [[1] * 32], 4, "e", "hint")
+    with pytest.raises(UserError, match="needs 48 tokens"):
+        check_fits(40, [[1] * 32], 4, "e", "hint")
+    (tmp_path / "io.json").write_text(json.dumps({}))
+    trt = Artifact(tmp_path, {"kind": "engine", "stage": "build", "metadata": {"backend": "tensorrt"},
+                              "config": {"envelope": {"input_len": [1, 64, 200], "total_len": [1, 128, 300]}}})
+    assert context_limits(trt) == (200, 300)
+    ort = Artifact(tmp_path, {"kind": "onnx", "stage": "export", "metadata": {}, "config": {}})
+    assert context_limits(ort) == (None, None)

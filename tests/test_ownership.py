@@ -95,6 +95,9 @@ def test_recipe_name_cannot_leave_the_work_root(cli, tmp_path, name, monkeypatch
     ("quantize: {method: gptq, calibration: {text: nope.txt}}\n", "quantize.calibration.text"),
     ("build: {backend: tensorrt, device: cuda}\n", "build.backend"),
     ("envelope: {batch: [1, 1, 1], input_len: [1, 8, 16], total_len: [1, 64, 4096]}\n", "envelope.total_len"),
+    # validate's prompts (up to 32 tokens) + its greedy tokens do not fit the engine's KV capacity
+    ("envelope: {batch: [1, 1, 1], input_len: [1, 8, 16], total_len: [1, 16, 40]}\nvalidate: {decode_tokens: 8}\n",
+     "envelope.total_len"),
 ])
 def test_recipe_problems_are_found_before_the_first_stage(cli, tmp_path, extra, field):
     r = cli("convert", _recipe(tmp_path, extra=extra), "-w", tmp_path / "w")

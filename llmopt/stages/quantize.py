@@ -25,6 +25,7 @@ import torch
 
 from llmopt.artifact import Artifact
 from llmopt.errors import UserError
+from llmopt.estimates import quantize_estimate
 from llmopt.models import presets
 from llmopt.models.loader import (DTYPE_NAMES, assign, checked_names, empty_model, expected_tensors, load_tokenizer,
                                   open_weights, read_config)
@@ -160,4 +161,5 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
 
 
 STAGE = Stage(name="quantize", kind="checkpoint", version=2, config_model=QuantizeConfig, run=run,
-              input_kinds=("checkpoint",), default_file=lambda config: presets.DEFAULT_CALIB_TEXT)
+              input_kinds=("checkpoint",), default_file=lambda config: presets.DEFAULT_CALIB_TEXT,
+              estimate=quantize_estimate)

@@ -43,6 +43,42 @@ from llmopt.validate_report import evaluate_gates, write_report
 WINDOW = 256
 WINDOW_BATCH = 4
 PROMPT_LENGTHS = (7, 19, 32, 12)
+LATENCY_PROMPT = 128
+
+
+def context_limits(artifact: Artifact) -> tuple[int | None, int | None]:
+    """(longest prefill, longest sequence = prompt + generated) the artifact can run; None = no fixed limit.
+
+    An ONNX Runtime engine with GroupQueryAttention binds a KV buffer of ``kv_capacity`` positions
+    (io.json); a TensorRT engine's profiles end at the envelope's input_len max (prefill) and total_len
+    max. Validate keeps every shape it runs inside these limits: a small envelope shortens the
+    teacher-forced windows and the latency prompt instead of failing after the references ran.
+    """
+    io_path = artifact.path / "io.json"
+    if io_path.is_file():
+        try:
+            cap = json.loads(io_path.read_text()).get("kv_capacity")
+        except (OSError, ValueError, AttributeError):
+            cap = None  # open_session reports a broken io.json in its own words
+        if isinstance(cap, int) and cap > 0:
+            return cap, cap
+    if artifact.kind == "engine" and artifact.metadata.get("backend") == "tensorrt":
+        env = artifact.config.get("envelope") if isinstance(artifact.config, dict) else None
+        if isinstance(env, dict) and env.get("total_len") and env.get("input_len"):
+            return int(min(env["input_len"][2], env["total_len"][2])), int(env["total_len"][2])
+    return None, None
+
+
+def check_fits(limit: int | None, prompts: list[list[int]], decode_tokens: int, where: str,
+               hint: str) -> None:
+    """The padded prompts plus the greedy tokens fit the artifact's context (before any model runs)."""
+    if limit is None:
+        return
+    need = max(len(p) for p in prompts) + max(decode_tokens, 16)
+    if need > limit:
+        raise UserError(f"{where}: validate needs {need} tokens per sequence (longest prompt "
+                        f"{max(len(p) for p in prompts)} + {max(decode_tokens, 16)} generated), the engine holds "
+                        f"{limit}", hint)
 
 
 def eval_ids(config: ValidateConfig, tokenizer) -> list[int]:  # noqa: ANN001
@@ -75,13 +111,13 @@ class Reference:
     greedy: np.ndarray            # [batch, decode_tokens]
 
 
-def _windows(ids: list[int]) -> list[np.ndarray]:
-    n = (len(ids) - 1) // WINDOW
-    return [np.array(ids[i * WINDOW:(i + 1) * WINDOW + 1], np.int64) for i in range(n)]
+def _windows(ids: list[int], window: int = WINDOW) -> list[np.ndarray]:
+    n = (len(ids) - 1) // window
+    return [np.array(ids[i * window:(i + 1) * window + 1], np.int64) for i in range(n)]
 
 
 def reference_pass(ref_art: Artifact, ids: list[int], prompts: list[list[int]], config: ValidateConfig,
-                   scratch: Path, progress: Progress, label: str) -> Reference:
+                   scratch: Path, progress: Progress, label: str, window: int = WINDOW) -> Reference:
     """Run the PyTorch reference alone (weights at their stored size) and free it before returning."""
     with progress.task(f"{label}: load the reference"):
         model = load_reference(ref_art.path)
@@ -91,9 +127,9 @@ def reference_pass(ref_art: Artifact, ids: list[int], prompts: list[list[int]], 
         prefill = ref.prefill(batch, mask)
         nxt = prefill[:, -1].argmax(-1)
         decode = ref.decode(nxt)
-        windows = _windows(ids)
+        windows = _windows(ids, window)
         store = np.lib.format.open_memmap(scratch / f"{label}.npy", mode="w+", dtype=np.float32,
-                                          shape=(len(windows), WINDOW, ref.dims.vocab_size))
+                                          shape=(len(windows), window, ref.dims.vocab_size))
         for b in range(0, len(windows), WINDOW_BATCH):
             chunk = np.stack(windows[b:b + WINDOW_BATCH])
             store[b:b + len(chunk)] = ref.prefill(chunk[:, :-1])
@@ -115,9 +151,10 @@ def logits_check(test: DecoderSession, ref: Reference, prompts: list[list[int]])
             "max_rel": max(prefill["max_rel"], decode["max_rel"])}
 
 
-def teacher_forced(test: DecoderSession, refs: list[Reference], ids: list[int], advance) -> list[dict]:  # noqa: ANN001
+def teacher_forced(test: DecoderSession, refs: list[Reference], ids: list[int], advance,  # noqa: ANN001
+                   window: int = WINDOW) -> list[dict]:
     """The artifact's logits on each window, compared with every reference's (read back from disk)."""
-    windows = _windows(ids)
+    windows = _windows(ids, window)
     parts: list[list[dict]] = [[] for _ in refs]
     for b in range(0, len(windows), WINDOW_BATCH):
         chunk = np.stack(windows[b:b + WINDOW_BATCH])
@@ -153,10 +190,17 @@ def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Pro
         raise UserError(f"{own_ref.path}: checkpoint has no tokenizer files", "copy the tokenizer into the checkpoint")
     ids = eval_ids(config, tokenizer)
     prompts = prompts_from(ids, config, tokenizer)
+    prefill_limit, limit = context_limits(artifact)
+    check_fits(limit, prompts, config.decode_tokens, str(artifact.path),
+               "lower --decode-tokens (or the prompts), or rebuild with a larger envelope total_len max "
+               "(llmopt build --total-len MIN,OPT,MAX)")
+    window = min(WINDOW, prefill_limit) if prefill_limit else WINDOW
+    n_latency = max(config.decode_tokens, 16)
+    latency_prompt = min(LATENCY_PROMPT, prefill_limit or LATENCY_PROMPT, (limit or LATENCY_PROMPT * 2) - n_latency)
     labels = ["conversion"] + (["quantization"] if rest else [])
     scratch = Path(tempfile.mkdtemp(prefix=".reference-", dir=out))
     try:
-        refs = [reference_pass(art, ids, prompts, config, scratch, progress, label)
+        refs = [reference_pass(art, ids, prompts, config, scratch, progress, label, window)
                 for art, label in zip([own_ref, *rest[:1]], labels)]
         with progress.task("open artifact session"):
             test = open_session(artifact)
@@ -167,16 +211,16 @@ def run(config: ValidateConfig, inputs: list[Artifact], out: Path, progress: Pro
         with progress.task("artifact: logits on a padded batch"):
             for label, r in zip(labels, refs):
                 sections[label]["logits"] = logits_check(test, r, prompts)
-        with progress.task("artifact: teacher-forced eval", total=len(_windows(ids))) as adv:
-            for label, tf in zip(labels, teacher_forced(test, refs, ids, adv)):
-                sections[label]["teacher_forced"] = tf
+        with progress.task("artifact: teacher-forced eval", total=len(_windows(ids, window))) as adv:
+            for label, tf in zip(labels, teacher_forced(test, refs, ids, adv, window)):
+                sections[label]["teacher_forced"] = {**tf, "window": window}
         with progress.task(f"artifact: greedy {config.decode_tokens} tokens"):
             tokens = greedy(test, prompts, config.decode_tokens).tokens
             for label, r in zip(labels, refs):
                 sections[label]["greedy"] = greedy_check(tokens, r, config.decode_tokens)
         report.update(sections)
         with progress.task("latency"):
-            report["latency"] = latency(test, ids[:128], max(config.decode_tokens, 16))
+            report["latency"] = latency(test, ids[:latency_prompt], n_latency)
     finally:
         refs = []
         shutil.rmtree(scratch, ignore_errors=True)
