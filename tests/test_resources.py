@@ -101,3 +101,28 @@ def test_load_and_rtn_record_estimate_next_to_measured(cli, tiny_ckpt, tmp_path)
     assert 0.5 < res["peak_rss_ratio"] < 1.5
     tensors = res["measured"]["disk_bytes"]
     assert 0.5 * tensors < res["estimate"]["disk_bytes"] < 1.5 * tensors
+
+
+_FRAGMENT = """
+import sys, psutil, torch
+if sys.argv[1] == "on":
+    from llmopt.resources import return_freed_memory_promptly
+    assert return_freed_memory_promptly()
+n = 4 << 20  # 16 MB of float32: under glibc's 32 MB ceiling for its dynamic mmap threshold
+a = torch.ones(n); del a        # by default this raises the threshold to 16 MB
+base = psutil.Process().memory_info().rss
+b = [torch.ones(n) for _ in range(4)]; c = [torch.ones(256) for _ in range(64)]  # c sits above b in the heap
+del b
+print(psutil.Process().memory_info().rss - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="glibc/Linux allocator behaviour")
+def test_freed_tensors_go_back_to_the_system_with_the_fixed_mmap_threshold():
+    import subprocess
+    import sys
+
+    kept = {m: int(subprocess.run([sys.executable, "-c", _FRAGMENT, m], capture_output=True, text=True,
+                                  check=True).stdout) for m in ("off", "on")}
+    assert kept["on"] < 8 << 20, kept          # 64 MB freed at once
+    assert kept["off"] > 32 << 20, kept        # what the fix is for: glibc's default keeps it resident
