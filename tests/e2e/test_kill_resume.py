@@ -20,7 +20,7 @@ RECIPE = """
 name: kill
 model: {source: "preset:tiny-qwen2"}
 envelope: {batch: [1, 1, 2], input_len: [1, 32, 128], total_len: [1, 64, 256]}
-validate: {eval_tokens: 256, decode_tokens: 4, gates: {max_logits_rel_error: 1.0e-4}}
+validate: {eval_tokens: 512, decode_tokens: 8, gates: {max_logits_rel_error: 1.0e-4}}
 """
 
 
