@@ -101,3 +101,26 @@ def measure(estimate: Estimate | None) -> Iterator[Usage]:
         usage._thread.join()
         usage.peak = max(usage.peak, rss())
         usage.seconds = time.perf_counter() - usage.started
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: allocations at least this big get their own mapping, unmapped on free
+
+
+def return_freed_memory_promptly() -> bool:
+    """Make glibc give large freed blocks back to the system at once (``mallopt(M_MMAP_THRESHOLD)``).
+
+    By default glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MB),
+    so after the first big tensor is freed, later ones of that size come from the heap and stay resident
+    after ``del`` whenever a small allocation sits above them. A layer-by-layer stage (GPTQ's Hessians, the
+    calibration forward's intermediates) then holds the high-water mark of every layer it saw: SmolLM2 GPTQ
+    peaked at 1.04 GB by default and 0.75 GB with the threshold fixed at 1 MB (same run time within 5 %).
+    Returns False where there is no glibc (the call is then a no-op).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD; setting it disables the dynamic rule
+    except (OSError, AttributeError):
+        return False

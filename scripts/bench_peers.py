@@ -157,9 +157,13 @@ def llmopt_artifacts(work: Path, source: str = "preset:bench-246m") -> dict[str,
 def hf_dir_for_genai(ckpt: Path, dst: Path) -> Path:
     """The checkpoint as a plain HF directory; a stand-in tokenizer when the checkpoint has none
     (the GenAI builder saves a tokenizer; token ids are fed directly, so its vocabulary is never used)."""
-    if (dst / "config.json").exists():
+    key = json.loads((ckpt / "manifest.json").read_text())["key"]
+    if (dst / "config.json").exists() and (dst / ".llmopt-source-key").is_file() \
+            and (dst / ".llmopt-source-key").read_text() == key:
         return dst
-    dst.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dst, ignore_errors=True)  # a copy of an older checkpoint
+    dst.mkdir(parents=True)
+    (dst / ".llmopt-source-key").write_text(key)
     for f in ckpt.iterdir():
         if f.name != "manifest.json" and f.is_file():
             shutil.copy2(f, dst / f.name)
@@ -199,6 +203,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--contexts", default="128,512,1024")
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    ap.add_argument("--no-torch", action="store_true", help="leave the PyTorch rows (eager, compile) out")
     ap.add_argument("--profile", action="store_true", help="per-op decode profile of the llmopt artifacts")
     ap.add_argument("--genai-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -235,8 +240,9 @@ def main() -> int:
                           command=[str(py), str(Path(__file__).resolve()), "--genai-worker"],
                           extra={"weight_bytes": onnx_weight_bytes(arts[dict(OURS)[HEADLINE]] / "model.onnx"),
                                  "artifact_bytes": dir_bytes(arts[dict(OURS)[HEADLINE]])}))
-    systems.append(System(name="torch eager", kind="torch", load={"kind": "torch", "path": str(arts["ckpt"])}))
-    if not args.no_compile:
+    if not args.no_torch:
+        systems.append(System(name="torch eager", kind="torch", load={"kind": "torch", "path": str(arts["ckpt"])}))
+    if not args.no_compile and not args.no_torch:
         systems.append(System(name="torch.compile", kind="torch-compile",
                               load={"kind": "torch-compile", "path": str(arts["ckpt"])}))
     cfg = BenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads, repeat=args.repeat,

@@ -1,10 +1,12 @@
 """Continuous batching: one thread owns the engine's KV slots and steps every running sequence together.
 
-Each loop iteration (1) drops cancelled sequences and compacts the survivors into slots 0..n-1, (2) runs
-one prefill call for the prefill group in flight — a new prompt in its own slot, in chunks of
-``slots.chunk`` tokens, or several short new prompts in one call — and (3) runs one decode step for all
-n running sequences, each at its own cache length. A request joins between decode steps and leaves when
-it finishes, so a long prompt delays the running sequences by at most one chunk per step.
+Each loop iteration (1) drops cancelled sequences and compacts the survivors into slots 0..n-1, (2)
+prefills waiting prompts, first come first served, up to a budget of ``slots.chunk`` prompt tokens — a long
+prompt one chunk per iteration, short ones one call each so that each gets its first token as soon as its
+own call ends (where ``slots.batched_prefill``, several short prompts share one padded call instead) — and
+(3) runs one decode step for all n running sequences, each at its own cache length. A request joins between
+decode steps and leaves when it finishes, so prompts delay the running sequences by at most one budget of
+prefill per step.
 
 Tokens are chosen by ``llmopt.runtime.sampling.Sampler`` (one per sequence, its own seeded generator)
 and turned into text, with stop strings and eos, by ``llmopt.runtime.textstream.TextStream`` — the same
@@ -161,10 +163,13 @@ class Scheduler:
 
     def _iteration(self) -> None:
         self._compact()
-        if not self._group:
-            self._group = self._next_group()
-        if self._group:
-            self._prefill_step()
+        budget = self.slots.chunk or sys.maxsize  # prompt tokens this iteration may prefill
+        while budget > 0:
+            if not self._group:
+                self._group = self._next_group()
+            if not self._group:
+                break
+            budget -= self._prefill_step(budget)
         if self._running:
             self._decode_step()
 
@@ -203,18 +208,22 @@ class Scheduler:
             seq.slot = len(self._running) + i
         return group
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self, budget: int) -> int:
+        """One prefill call for the group in flight (at most ``budget`` tokens of a single prompt); the
+        prompt tokens it ran."""
         group, first = self._group, self._group[0].slot
         if len(group) == 1:
             seq = group[0]
-            n = len(seq.todo) if self.slots.chunk is None else min(self.slots.chunk, len(seq.todo))
+            n = min(budget, len(seq.todo))
             logits = self.slots.run(first, [seq.todo[:n]], [seq.cached])
             seq.cached += n
             seq.todo = seq.todo[n:]
             if seq.todo:
-                return
+                return n
+            spent = n
         else:
             logits = self.slots.run(first, [s.todo for s in group], [0] * len(group))
+            spent = max(len(s.todo) for s in group) * len(group)
             for s in group:
                 s.cached, s.todo = len(s.todo), []
         self._group = []
@@ -222,6 +231,7 @@ class Scheduler:
             self._running.append(seq)
             self._accept(seq, row)
         self._running = [s for s in self._running if s.slot >= 0]
+        return spent
 
     def _decode_step(self) -> None:
         rows = self._running

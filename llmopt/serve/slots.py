@@ -47,10 +47,13 @@ class Slots(ABC):
 
 
 class GqaSlots(Slots):
-    batched_prefill = True
-
-    def __init__(self, session, max_batch: int, chunk: int = 256) -> None:  # noqa: ANN001 - OrtGqaSession
+    def __init__(self, session, max_batch: int, chunk: int = 256,  # noqa: ANN001 - OrtGqaSession
+                 batched_prefill: bool | None = None) -> None:
         self.session = session
+        # Several fresh prompts in one padded call pays off where a call has a fixed cost to share (a GPU).
+        # On a CPU prefill is compute-bound: a group of k prompts costs k single calls, and every prompt in
+        # it waits for the last one's first token.
+        self.batched_prefill = session.device != "cpu" if batched_prefill is None else batched_prefill
         self.ort = session._ort
         d = session.dims
         self.max_batch = max_batch

@@ -21,6 +21,7 @@ import transformers
 
 from llmopt.artifact import Artifact
 from llmopt.errors import UserError
+from llmopt.estimates import load_estimate
 from llmopt.models import gguf, loader, presets
 from llmopt.models.registry import dims_of
 from llmopt.models.safetensors_io import CheckpointWriter, TensorSpec
@@ -133,6 +134,8 @@ def run(config: LoadConfig, inputs: list[Artifact], out: Path, progress: Progres
     main_dtype = loader.DTYPE_NAMES.get(by_bytes.most_common(1)[0][0], "float32")
     raw = {k: v for k, v in opened.raw_config.items() if k != "torch_dtype"}
     raw["dtype"] = main_dtype
+    if not raw.get("architectures"):  # GGUF / preset configs lack it; HF tools (GenAI's builder) read it
+        raw["architectures"] = [spec.model_class]
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True, default=str) + "\n")
     copied = opened.tokenizer(out)
     _generation_config(raw, out)
@@ -152,4 +155,4 @@ def run(config: LoadConfig, inputs: list[Artifact], out: Path, progress: Progres
     }
 
 
-STAGE = Stage(name="load", kind="checkpoint", version=2, config_model=LoadConfig, run=run)
+STAGE = Stage(name="load", kind="checkpoint", version=3, config_model=LoadConfig, run=run, estimate=load_estimate)

@@ -25,6 +25,8 @@ import torch
 
 from llmopt.artifact import Artifact
 from llmopt.errors import UserError
+from llmopt.estimates import quantize_estimate
+from llmopt.resources import return_freed_memory_promptly
 from llmopt.models import presets
 from llmopt.models.loader import (DTYPE_NAMES, assign, checked_names, empty_model, expected_tensors, load_tokenizer,
                                   open_weights, read_config)
@@ -115,6 +117,7 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
         result.calibration = {"text": None, "note": "RTN streams the weights: no model, no calibration data "
                                                     "(error_stats: true measures per-linear errors)"}
     else:
+        return_freed_memory_promptly()  # one layer's working set at a time, not every layer's high-water mark
         layer_prefix = spec.layers_path + "."
         outside = [n for n in names if not n.startswith(layer_prefix)
                    and not any(n == f"{m}.weight" for m in ignored)]
@@ -160,4 +163,5 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
 
 
 STAGE = Stage(name="quantize", kind="checkpoint", version=2, config_model=QuantizeConfig, run=run,
-              input_kinds=("checkpoint",), default_file=lambda config: presets.DEFAULT_CALIB_TEXT)
+              input_kinds=("checkpoint",), default_file=lambda config: presets.DEFAULT_CALIB_TEXT,
+              estimate=quantize_estimate)

@@ -27,6 +27,8 @@ def test_loads_hf_dir_and_round_trips_weights(cli, tiny_ckpt, tmp_path):
     a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "out" / "tokenizer.json").exists()
+    # a preset (like a GGUF) has no "architectures" of its own; HF tools such as GenAI's builder need one
+    assert json.loads((tiny_ckpt / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_sharded_checkpoint_with_index(cli, tiny_ckpt, tmp_path):

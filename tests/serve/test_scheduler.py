@@ -19,7 +19,7 @@ from llmopt.serve.metrics import Metrics
 from llmopt.serve.scheduler import Event, Request, Scheduler
 from llmopt.serve.slots import GqaSlots, SingleSlot, open_slots
 
-LENGTHS = [5, 40, 17, 3, 33, 9, 60, 2]   # > chunk: prefilled over several steps; short ones share a call
+LENGTHS = [5, 40, 17, 3, 33, 9, 60, 2]   # > chunk: prefilled over several steps; short ones share a budget
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -55,9 +55,10 @@ def _one_at_a_time(artifact, prompts, max_tokens) -> list[list[int]]:
     return [greedy(session, [p], n).tokens[0].tolist() for p, n in zip(prompts, max_tokens)]
 
 
-def test_gqa_slots_batched_equals_one_at_a_time(serve_engine):
+@pytest.mark.parametrize("batched_prefill", [False, True], ids=["prompt-per-call", "padded-group"])
+def test_gqa_slots_batched_equals_one_at_a_time(serve_engine, batched_prefill):
     art = open_artifact(serve_engine)
-    slots = GqaSlots(open_session(art), max_batch=3, chunk=16)
+    slots = GqaSlots(open_session(art), max_batch=3, chunk=16, batched_prefill=batched_prefill)
     prompts = _prompts(slots.vocab_size)
     max_tokens = [8 + 3 * i for i in range(len(prompts))]
     got, metrics = _serve_all(slots, prompts, max_tokens)
@@ -90,3 +91,26 @@ def test_kv_moves_keep_other_slots(serve_engine):
     slots.move(2, 1, 7)
     got = slots.run(0, [[4], [5]], [11, 7])
     np.testing.assert_array_equal(got[1], want[0])
+
+
+def test_prefill_budget_gives_each_prompt_its_first_token_from_its_own_call(serve_engine):
+    """On a CPU engine short prompts are prefilled one call each, several per iteration up to the chunk
+    budget, and each sequence's first token comes from its own call, before the iteration's decode step."""
+    art = open_artifact(serve_engine)
+    slots = GqaSlots(open_session(art), max_batch=4, chunk=32)
+    assert not slots.batched_prefill  # the CPU default
+    calls: list[tuple[int, int, int]] = []
+    run = slots.run
+
+    def recording_run(first, rows, past):  # noqa: ANN001, ANN202
+        calls.append((first, len(rows), max(len(r) for r in rows)))
+        return run(first, rows, past)
+
+    slots.run = recording_run
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(2, slots.vocab_size, 10).tolist() for _ in range(4)]
+    got, _ = _serve_all(slots, prompts, [3] * 4)
+    assert got == _one_at_a_time(art, prompts, [3] * 4)
+    # 4 prompts of 10 tokens, budget 32: three single-row prefills and 2 tokens of the fourth, the decode
+    # step of the three prefilled, then the fourth's last 8 tokens
+    assert calls[:6] == [(0, 1, 10), (1, 1, 10), (2, 1, 10), (3, 1, 2), (0, 3, 1), (3, 1, 8)], calls[:6]
