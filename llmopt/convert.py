@@ -9,6 +9,7 @@ from llmopt.errors import GateFailed, UserError
 from llmopt.preflight import preflight
 from llmopt.progress import Progress
 from llmopt.recipe import STAGES, Recipe, dump_recipe
+from llmopt.recipe_terms import in_recipe_terms
 from llmopt.runner import Log, StageRun, run_stage, validation_inputs
 from llmopt.stages import build, export, load, validate
 from llmopt.workdir import locked_workdir
@@ -38,7 +39,10 @@ def convert(recipe: Recipe, workdir: Path, *, from_stage: str | None = None, for
         raise UserError(f"--from {from_stage}: not a stage of this recipe", f"stages: {', '.join(stages)}")
     preflight(recipe, workdir, stages)
     with locked_workdir(workdir):
-        return _run(recipe, workdir, stages, from_stage, force, progress, log)
+        try:
+            return _run(recipe, workdir, stages, from_stage, force, progress, log)
+        except UserError as exc:  # a stage's hint names its subcommand's flags; here they are recipe fields
+            raise in_recipe_terms(exc) from None
 
 
 def _run(recipe: Recipe, workdir: Path, stages: list[str], from_stage: str | None, force: bool,

@@ -33,9 +33,10 @@ def test_same_size_corruption_is_exit_1_naming_the_file(cli, corrupted_onnx, tmp
     assert not (tmp_path / "eng").exists() and not (corrupted_onnx.parent / "onnx.report").exists()
 
 
-def test_cache_hit_requires_matching_files(cli, tiny_ckpt, tmp_path):
+def test_cache_hit_requires_matching_files(cli, tiny_ckpt, tiny_onnx, tmp_path):
     out = tmp_path / "onnx"
-    assert cli("export", tiny_ckpt, "-o", out).code == 0
+    shutil.copytree(tiny_onnx, out)  # `export tiny_ckpt -o out` as the session fixture ran it: a cache hit
+    assert cli("export", tiny_ckpt, "-o", out, "--json").json()["reused"] is True
     _corrupt_same_size(out / "model.onnx.data")
     r = cli("export", tiny_ckpt, "-o", out, "--json")
     assert r.code == 0 and r.json()["reused"] is False

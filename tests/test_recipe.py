@@ -66,3 +66,30 @@ def test_shipped_recipes_validate():
     assert recipes, "recipes/ is empty"
     for p in recipes:
         assert isinstance(load_recipe(p), Recipe), p
+
+
+def test_stage_errors_under_convert_name_recipe_fields_not_flags(cli, tmp_path, monkeypatch):
+    """A stage's hint says `pass --eval-text FILE` in its own subcommand; under convert the same problem is
+    in the recipe, so the line names the recipe field."""
+    import llmopt.convert
+    from llmopt.errors import UserError
+    from llmopt.recipe_terms import in_recipe_terms
+
+    def failing_stage(*args, **kwargs):
+        raise UserError("e.txt: eval text not found", "pass --eval-text FILE")
+
+    monkeypatch.setattr(llmopt.convert, "run_stage", failing_stage)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: {source: 'preset:tiny-llama'}\n")
+    r = cli("convert", recipe, "-w", tmp_path / "w")
+    assert r.code == 1 and "Traceback" not in r.err
+    line = r.err.strip().splitlines()[-1]
+    assert "validate.eval_text" in line and "--eval-text" not in line and "--set" in line, line
+
+    cap = in_recipe_terms(UserError("context of 300 tokens exceeds this engine's KV capacity of 128",
+                                    "rebuild with a larger envelope total_len max (llmopt build --total-len MIN,OPT,MAX)"))
+    assert "envelope.total_len" in cap.hint and "llmopt build" not in cap.hint and "MIN,OPT,MAX" not in cap.hint
+    assert str(in_recipe_terms(UserError("--seq-len 4096 exceeds the model's 2048 positions"))).startswith(
+        "quantize.calibration.seq_len 4096")
+    keep = UserError("out of memory", "free memory, or pass --force to try anyway")  # convert's own flag
+    assert in_recipe_terms(keep) is keep

@@ -1,4 +1,9 @@
-"""kill -9 in the middle of a stage, rerun: it finishes and never reuses a half-written directory."""
+"""kill -9 from outside while export runs, rerun: it finishes and never reuses a half-written directory.
+
+tests/corpus/test_kill.py kills at named points of every stage (staged / ran / manifest / swapped,
+from inside); this one adds a kill by another process, through the process group, at whatever moment
+the poll first sees export's staging directory. One stage is enough for that (validate was a second
+victim: the same mechanism for one more full convert)."""
 
 import os
 import signal
@@ -25,8 +30,8 @@ def _convert(recipe: Path, work: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["onnx", "report"])
-def test_kill_during_stage_then_resume(tmp_path, victim):
+def test_kill_during_stage_then_resume(tmp_path):
+    victim = "onnx"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     work = tmp_path / "w"
