@@ -30,9 +30,9 @@ def _error(text: str) -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001
-    from llmopt.errors import Interrupted
+    from llmopt.errors import interrupt
 
-    raise Interrupted(signum)
+    interrupt(signum)
 
 
 def _install_signal_handlers() -> dict:
@@ -45,6 +45,9 @@ def _install_signal_handlers() -> dict:
 
 def run(app: Any, argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code: 0 ok, 1 user error, 2 gate failed, 130 interrupted, 70 a bug."""
+    from llmopt.errors import clear_interrupt
+
+    clear_interrupt()
     try:
         previous = _install_signal_handlers()
     except ValueError:  # not the main thread: leave signals alone

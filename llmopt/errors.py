@@ -38,6 +38,28 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum
 
 
+_pending: int | None = None  # the signal received, kept even if a library swallows its Interrupted
+
+
+def interrupt(signum: int) -> None:
+    """The SIGINT/SIGTERM handler's body: remember the signal, then raise."""
+    global _pending
+    _pending = signum
+    raise Interrupted(signum)
+
+
+def clear_interrupt() -> None:
+    global _pending
+    _pending = None
+
+
+def raise_if_interrupted() -> None:
+    """Before anything is committed: a signal whose Interrupted was raised where a library catches everything
+    (a bare ``except``, a finalizer, an exporter's fallback) must still stop the run."""
+    if _pending is not None:
+        raise Interrupted(_pending)
+
+
 class GateFailed(Exception):
     """A validation gate failed: exit 2."""
 

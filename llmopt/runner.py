@@ -13,7 +13,7 @@ from llmopt import faults, resources
 
 from llmopt.artifact import (Artifact, cache_key, commit, file_table, lineage, load_manifest, new_manifest,
                              problems_of, staging_dir, sweep_stale, write_manifest)
-from llmopt.errors import UserError
+from llmopt.errors import UserError, raise_if_interrupted
 from llmopt.integrity import content_files
 from llmopt.models import presets
 from llmopt.paths import check_output
@@ -130,11 +130,13 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
         with reading(_read_from(config, inputs), "input" if inputs else "source"), resources.measure(estimate) as usage:
             metadata = stage.run(config, inputs, tmp, progress)
         metadata = {**metadata, "resources": usage.record(tmp)}
+        raise_if_interrupted()
         faults.point(stage.name, "ran")
         manifest = new_manifest(stage=stage.name, kind=stage.kind, key=key, inputs=inputs, config=resolved,
                                 metadata=metadata, directory=tmp, started=started, finished=time.time())
         write_manifest(tmp, manifest)
         faults.point(stage.name, "manifest")
+        raise_if_interrupted()
         commit(tmp, out, on_swap=lambda: faults.point(stage.name, "swapped"))
     log(f"[green]✓[/] {stage.name}: wrote {out} in {manifest['duration_s']:.1f}s")
     return StageRun(Artifact(out, manifest), reused=False)

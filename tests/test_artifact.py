@@ -95,3 +95,32 @@ def test_open_artifact_checks_kind(tmp_path):
     with pytest.raises(UserError, match="expected onnx"):
         open_artifact(tmp_path, ("onnx",))
     json.loads((tmp_path / MANIFEST).read_text())
+
+
+def test_an_interrupt_a_library_swallowed_still_stops_the_stage_before_commit(tmp_path):
+    """SIGINT's Interrupted raised where a library catches everything (a bare except, an exporter's
+    fallback) must not let the stage publish its output: the runner checks before committing."""
+    from pydantic import BaseModel
+
+    from llmopt import errors
+    from llmopt.runner import run_stage
+    from llmopt.stages.base import Stage
+
+    class Cfg(BaseModel):
+        x: int = 1
+
+    def run(config, inputs, out, progress):  # noqa: ANN001, ANN202, ARG001
+        (out / "weights.bin").write_bytes(b"x" * 16)
+        try:
+            errors.interrupt(2)  # what the SIGINT handler does
+        except BaseException:  # noqa: BLE001, S110 - the library that swallows it
+            pass
+        return {}
+
+    stage = Stage(name="swallow", kind="checkpoint", version=1, config_model=Cfg, run=run, packages=())
+    try:
+        with pytest.raises(errors.Interrupted):
+            run_stage(stage, Cfg(), [], tmp_path / "out")
+    finally:
+        errors.clear_interrupt()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging left
