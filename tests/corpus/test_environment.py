@@ -59,8 +59,10 @@ def test_read_only_location_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_and_removes_staging(tiny_ckpt, tmp_path):
     out = tmp_path / "onnx"
+    # SIGINT back to its default in the child: a suite started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and llmopt keeps an ignored SIGINT ignored (nohup semantics)
     p = subprocess.Popen([*LLMOPT, "export", str(tiny_ckpt), "-o", str(out)], stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob("onnx.partial-*")) and time.time() < deadline:
         time.sleep(0.05)
