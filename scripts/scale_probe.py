@@ -54,7 +54,7 @@ def make_checkpoint(shape: str, out: Path, shard_gb: float = 2.0) -> dict:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = transformers.LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    cfg = transformers.LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
                                    dtype="bfloat16")
     spec = spec_for("llama")
     expected, _ = expected_tensors(cfg, spec)
