@@ -9,6 +9,7 @@ peak side by side (``metadata.resources``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import onnx
@@ -81,23 +82,18 @@ def quantize_estimate(config, inputs: list[Artifact]) -> Estimate | None:  # noq
 
     ckpt = inputs[0].path
     s = _checkpoint_sizes(ckpt)
-    linears = [_numel(i.shape) for n, i in CheckpointTensors(ckpt).info.items()
-               if n.endswith(".weight") and len(i.shape) == 2 and not n.startswith(_NOT_QUANTIZED)]
+    info = CheckpointTensors(ckpt).info
+    is_linear = {n: n.endswith(".weight") and len(i.shape) == 2 and not n.startswith(_NOT_QUANTIZED)
+                 for n, i in info.items()}
+    linears = [math.prod(info[n].shape) for n, lin in is_linear.items() if lin]
     group = config.group_size or 1 << 30
     codes = sum(n * config.bits // 8 + 4 * -(-n // min(group, n)) for n in linears)  # + one float32 scale per group
-    kept = s["stored_bytes"] - sum(n * 2 for n in linears) if s["stored_bytes"] else 0  # float parts (≥ 2 bytes each)
+    kept = sum(i.nbytes for n, i in info.items() if not is_linear[n])  # written as they are
     base = rss()
     linear = 4 * max(linears, default=0)
     work = int(max(RTN_LINEAR_COPIES * linear, LOAD_TENSOR_COPIES * s["largest_tensor_out"]))
-    return Estimate(base + work, codes + max(0, kept), round(5 + s["stored_bytes"] / (100 * MB), 1),
+    return Estimate(base + work, codes + kept, round(5 + s["stored_bytes"] / (100 * MB), 1),
                     {"baseline": base, "working_set": work, "largest_linear_float32": linear, **s})
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def export_estimate(config, inputs: list[Artifact]) -> Estimate:  # noqa: ANN001

@@ -130,7 +130,6 @@ def run_stage(stage: Stage, config: BaseModel, inputs: list[Artifact], out: Path
         with reading(_read_from(config, inputs), "input" if inputs else "source"), resources.measure(estimate) as usage:
             metadata = stage.run(config, inputs, tmp, progress)
         metadata = {**metadata, "resources": usage.record(tmp)}
-        raise_if_interrupted()
         faults.point(stage.name, "ran")
         manifest = new_manifest(stage=stage.name, kind=stage.kind, key=key, inputs=inputs, config=resolved,
                                 metadata=metadata, directory=tmp, started=started, finished=time.time())
