@@ -36,18 +36,18 @@ REF_ACTIVATIONS = 64 * MB
 
 
 def _checkpoint_sizes(path: Path, out_dtype: str | None = None) -> dict:
-    from llmopt.export.weights import ITEM_BYTES, CheckpointTensors
+    from llmopt.models.safetensors_io import ITEM_BYTES, SafetensorsReader
 
-    t = CheckpointTensors(path)
-    floats = [i for i in t.info.values() if i.dtype in _FLOAT]
+    t = SafetensorsReader.of(path)
+    floats = [i for i in t.entries.values() if i.dtype in _FLOAT]
 
     def scale(i) -> int:  # noqa: ANN001 - bytes of the tensor once converted to the output dtype
         return i.nbytes if out_dtype is None else i.nbytes // ITEM_BYTES[i.dtype] * _OUT_BYTES[out_dtype]
 
     largest = max((scale(i) for i in floats), default=0)
     return {"stored_bytes": t.nbytes, "float_bytes_out": sum(scale(i) for i in floats),
-            "int_bytes": sum(i.nbytes for i in t.info.values() if i.dtype not in _FLOAT),
-            "largest_tensor_out": largest, "tensors": len(t.info)}
+            "int_bytes": sum(i.nbytes for i in t.entries.values() if i.dtype not in _FLOAT),
+            "largest_tensor_out": largest, "tensors": len(t.entries)}
 
 
 def _layers(path: Path) -> int:
@@ -78,11 +78,11 @@ def quantize_estimate(config, inputs: list[Artifact]) -> Estimate | None:  # noq
     parts only where measured (None otherwise: the run records its measured peak)."""
     if config.method != "rtn" or config.error_stats:
         return None
-    from llmopt.export.weights import CheckpointTensors
+    from llmopt.models.safetensors_io import SafetensorsReader
 
     ckpt = inputs[0].path
     s = _checkpoint_sizes(ckpt)
-    info = CheckpointTensors(ckpt).info
+    info = SafetensorsReader.of(ckpt).entries
     is_linear = {n: n.endswith(".weight") and len(i.shape) == 2 and not n.startswith(_NOT_QUANTIZED)
                  for n, i in info.items()}
     linears = [math.prod(info[n].shape) for n, lin in is_linear.items() if lin]
