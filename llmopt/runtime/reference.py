@@ -21,6 +21,7 @@ from llmopt.models.safetensors_io import SafetensorsReader
 from llmopt.models.loader import read_config
 from llmopt.quant.format import is_quantized, read_scheme
 from llmopt.quant.packing import unpack_int4
+from llmopt.quant.rtn import dequantize_values
 from llmopt.quant.smoothquant import fake_quant_activation
 
 
@@ -33,20 +34,17 @@ class DequantLinear(torch.nn.Module):
     """``y = x @ ((q - zero) * scale)^T + bias`` with q kept packed; the float weight lives only during a call."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
-                 bits: int, in_features: int, act: tuple[float, int] | None = None) -> None:
+                 bits: int, in_features: int, act: tuple[float, int] | None = None,
+                 group_size: int | None = None) -> None:
         super().__init__()
         self.qweight, self.scales, self.zeros, self.bias = qweight, scales.float(), zeros, bias
-        self.bits, self.in_features, self.act = bits, in_features, act
+        self.bits, self.in_features, self.act, self.group_size = bits, in_features, act, group_size
 
     def weight_float(self) -> torch.Tensor:
+        """Column ``i`` uses scale group ``i // group_size``: the scheme's group size, not ``in / groups``, which
+        differs when the last group is partial (576 inputs in groups of 128: 5 groups, the last of 64)."""
         q = unpack_int4(self.qweight, signed=True) if self.bits == 4 else self.qweight.to(torch.int8)
-        q = q.float()
-        groups = self.scales.shape[1]
-        g = -(-self.in_features // groups)
-        s = self.scales.repeat_interleave(g, dim=1)[:, :self.in_features]
-        if self.zeros is not None:
-            q = q - self.zeros.float().repeat_interleave(g, dim=1)[:, :self.in_features]
-        return q * s
+        return dequantize_values(q[:, :self.in_features], self.scales, self.zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
@@ -80,7 +78,7 @@ def load_reference(path: Path) -> torch.nn.Module:
         bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
         zeros = tensors.get(f"{name}.zeros") if f"{name}.zeros" in tensors else None
         setattr(parent, child, DequantLinear(tensors.get(f"{name}.qweight"), tensors.get(f"{name}.scales"), zeros, bias,
-                                             info["bits"], info["in_features"], act))
+                                             info["bits"], info["in_features"], act, info.get("group_size")))
     alias = aliases(model)
     for key, meta in list(model.state_dict(keep_vars=True).items()):
         source = next((k for k in alias.get(key, [key]) if k in tensors), None)
