@@ -24,11 +24,11 @@ _NOT_QUANTIZED = ("model.embed", "lm_head", "transformer.wte", "transformer.wpe"
 
 LOAD_TENSOR_COPIES = 3.2         # read + finite check + converted / serialized copy of the largest tensor (7B bf16: 3.18x)
 RTN_LINEAR_COPIES = 4.2          # float32 weight, scaled, rounded and packed copies of the largest linear (7B: 4.2x)
-EXPORT_IMPORTS = 350 * MB        # onnxscript / onnx-ir / torch.export once imported and warmed
-EXPORT_PER_LAYER = 8 * MB        # traced graph (FX + ONNX IR, metadata) per decoder layer
-EXPORT_TENSOR_COPIES = 1.5       # the largest float tensor (an embedding) read in its stored dtype + converted
-# fitted 2026-12-02 on fresh export processes: 7B bf16 RTN int4 1.77 GB measured (1.73 estimated),
-# bench-246m int4 0.95 (1.01), SmolLM2 fp32 1.10 (1.32); the old 12 MB/layer and 3 copies were 30-50 % over
+EXPORT_IMPORTS = 225 * MB        # onnxscript / onnx-ir / torch.export imported and warmed, 3 traced layers
+EXPORT_PER_LAYER = 1 * MB        # a replicated layer's graph (nodes, value infos; its weights stream)
+EXPORT_TENSOR_COPIES = 2.0       # the largest float tensor (an embedding) read in its stored dtype + converted
+# fitted 2026-12-02 (peak above the process's start) after export began tracing 3 layers and replicating the
+# rest: 7B bf16 RTN int4 1235 MiB measured (1257 estimated), bench-246m int4 510 (491), SmolLM2 fp32 448 (471)
 ORT_IMPORTS = 150 * MB
 ORT_SESSION = 1.3                # a CPU session holds its initializers (+ prepacked copies); measured 1.28x
 BUILD_TENSOR_COPIES = 4.0        # packing / lm_head quantization temporaries of the largest tensor
@@ -36,18 +36,18 @@ REF_ACTIVATIONS = 64 * MB
 
 
 def _checkpoint_sizes(path: Path, out_dtype: str | None = None) -> dict:
-    from llmopt.export.weights import ITEM_BYTES, CheckpointTensors
+    from llmopt.models.safetensors_io import ITEM_BYTES, SafetensorsReader
 
-    t = CheckpointTensors(path)
-    floats = [i for i in t.info.values() if i.dtype in _FLOAT]
+    t = SafetensorsReader.of(path)
+    floats = [i for i in t.entries.values() if i.dtype in _FLOAT]
 
     def scale(i) -> int:  # noqa: ANN001 - bytes of the tensor once converted to the output dtype
         return i.nbytes if out_dtype is None else i.nbytes // ITEM_BYTES[i.dtype] * _OUT_BYTES[out_dtype]
 
     largest = max((scale(i) for i in floats), default=0)
     return {"stored_bytes": t.nbytes, "float_bytes_out": sum(scale(i) for i in floats),
-            "int_bytes": sum(i.nbytes for i in t.info.values() if i.dtype not in _FLOAT),
-            "largest_tensor_out": largest, "tensors": len(t.info)}
+            "int_bytes": sum(i.nbytes for i in t.entries.values() if i.dtype not in _FLOAT),
+            "largest_tensor_out": largest, "tensors": len(t.entries)}
 
 
 def _layers(path: Path) -> int:
@@ -78,11 +78,11 @@ def quantize_estimate(config, inputs: list[Artifact]) -> Estimate | None:  # noq
     parts only where measured (None otherwise: the run records its measured peak)."""
     if config.method != "rtn" or config.error_stats:
         return None
-    from llmopt.export.weights import CheckpointTensors
+    from llmopt.models.safetensors_io import SafetensorsReader
 
     ckpt = inputs[0].path
     s = _checkpoint_sizes(ckpt)
-    info = CheckpointTensors(ckpt).info
+    info = SafetensorsReader.of(ckpt).entries
     is_linear = {n: n.endswith(".weight") and len(i.shape) == 2 and not n.startswith(_NOT_QUANTIZED)
                  for n, i in info.items()}
     linears = [math.prod(info[n].shape) for n, lin in is_linear.items() if lin]
@@ -104,7 +104,7 @@ def export_estimate(config, inputs: list[Artifact]) -> Estimate:  # noqa: ANN001
     trace = EXPORT_IMPORTS + layers * EXPORT_PER_LAYER
     work = int(EXPORT_TENSOR_COPIES * s["largest_tensor_out"])
     disk = s["float_bytes_out"] + s["int_bytes"]
-    seconds = 10 + 2.0 * layers + disk / (150 * MB)
+    seconds = 8 + disk / (40 * MB)  # 7B int4 126 s, SmolLM2 14 s, bench-246m 13 s (Sapphire Rapids, 2 cores)
     return Estimate(base + trace + work, disk, round(seconds, 1),
                     {"baseline": base, "trace": trace, "working_set": work, **s, "layers": layers})
 

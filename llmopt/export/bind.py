@@ -19,7 +19,7 @@ import torch
 from llmopt.errors import UserError
 from llmopt.export.qdq import activation_qdq, dequantized_weight
 from llmopt.export.trace import PREFIX, aliases, real_buffers
-from llmopt.export.weights import CheckpointTensors
+from llmopt.models.safetensors_io import SafetensorsReader
 
 _TORCH = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
           ir.DataType.INT64: torch.int64}
@@ -30,7 +30,7 @@ def _is_weight_transpose(node: ir.Node) -> bool:
     return node.op_type == "Transpose" and perm is not None and list(perm.as_ints()) == [1, 0]
 
 
-def _reader(tensors: CheckpointTensors, key: str, dtype: ir.DataType, transpose: bool):  # noqa: ANN202
+def _reader(tensors: SafetensorsReader, key: str, dtype: ir.DataType, transpose: bool):  # noqa: ANN202
     def read() -> ir.Tensor:
         t = tensors.get(key)
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -43,12 +43,12 @@ def _reader(tensors: CheckpointTensors, key: str, dtype: ir.DataType, transpose:
     return read
 
 
-def _lazy(tensors: CheckpointTensors, key: str, name: str, dtype: ir.DataType, shape: list[int],
+def _lazy(tensors: SafetensorsReader, key: str, name: str, dtype: ir.DataType, shape: list[int],
           transpose: bool = False) -> ir.LazyTensor:
     return ir.LazyTensor(_reader(tensors, key, dtype, transpose), dtype=dtype, shape=ir.Shape(shape), name=name)
 
 
-def bind_weights(model: ir.Model, torch_model: torch.nn.Module, tensors: CheckpointTensors,
+def bind_weights(model: ir.Model, torch_model: torch.nn.Module, tensors: SafetensorsReader,
                  scheme: dict | None = None) -> dict:
     """Give every initializer of ``model`` (traced from ``torch_model`` on meta) its checkpoint data, lazily."""
     graph = model.graph
@@ -77,7 +77,7 @@ def bind_weights(model: ir.Model, torch_model: torch.nn.Module, tensors: Checkpo
             continue
         source = next((k for k in alias.get(key, [key]) if k in tensors), None)
         if source is not None:
-            shape = list(tensors.info[source].shape)
+            shape = list(tensors.info(source)[0])
             if [d for d in value.shape] != shape:
                 raise UserError(f"{tensors.directory}: tensor {source} has shape {tuple(shape)}, config expects "
                                 f"{tuple(value.shape)}", "the weights do not match config.json")
@@ -105,7 +105,7 @@ def bind_weights(model: ir.Model, torch_model: torch.nn.Module, tensors: Checkpo
     return summary
 
 
-def quantize_activations(model: ir.Model, tensors: CheckpointTensors, scheme: dict | None) -> int:
+def quantize_activations(model: ir.Model, tensors: SafetensorsReader, scheme: dict | None) -> int:
     """W8A8: QuantizeLinear → DequantizeLinear in front of each activation-quantized linear's MatMul. Run after
     the optimizer, which would merge the identical Q/DQ of sibling linears (q/k/v) into one."""
     graph = model.graph

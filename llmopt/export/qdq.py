@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 
 from llmopt.errors import UserError
-from llmopt.export.weights import CheckpointTensors
+from llmopt.models.safetensors_io import SafetensorsReader
 from llmopt.quant.packing import unpack_int4
 
 
@@ -29,7 +29,7 @@ def _lazy(name: str, dtype: ir.DataType, shape: list[int], fn) -> ir.Value:  # n
                                               name=name))
 
 
-def dequantized_weight(graph: ir.Graph, tensors: CheckpointTensors, name: str, info: dict, float_dtype: ir.DataType,
+def dequantized_weight(graph: ir.Graph, tensors: SafetensorsReader, name: str, info: dict, float_dtype: ir.DataType,
                        opset: int) -> tuple[ir.Value, ir.Node]:
     """The DequantizeLinear node writing ``B = W^T`` [in, out] of linear ``name`` and its output value."""
     bits, group = info["bits"], info["group_size"]
@@ -68,7 +68,7 @@ def dequantized_weight(graph: ir.Graph, tensors: CheckpointTensors, name: str, i
     return node.outputs[0], node
 
 
-def activation_qdq(graph: ir.Graph, tensors: CheckpointTensors, name: str, consumer: ir.Node,
+def activation_qdq(graph: ir.Graph, tensors: SafetensorsReader, name: str, consumer: ir.Node,
                    float_dtype: ir.DataType) -> list[ir.Node]:
     """W8A8: QuantizeLinear → DequantizeLinear on ``consumer``'s activation input (static scale)."""
     scale = float(tensors.get(f"{name}.input_scale"))

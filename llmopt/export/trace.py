@@ -10,6 +10,7 @@ the data afterwards, lazily, from the checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from typing import Any
@@ -18,7 +19,8 @@ import onnx_ir as ir
 import torch
 import transformers
 
-from llmopt.export.wrapper import DecoderWithCache, dynamic_shapes, example_inputs
+from llmopt.export.replicate import TRACED_LAYERS, replicate_layers
+from llmopt.export.wrapper import DecoderWithCache, dynamic_shapes, example_inputs, io_description
 from llmopt.models.registry import ArchSpec, dims_of
 
 PREFIX = "model."  # the wrapper's attribute: traced names are "model." + the checkpoint's state-dict key
@@ -75,3 +77,33 @@ def trace(model: torch.nn.Module, opset: int, dtype: torch.dtype, input_names: l
             wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes(dims),
             input_names=input_names, output_names=output_names, verbose=False, report=False, optimize=False)
     return program.model
+
+
+def _shallow(config: Any, spec: ArchSpec, n_layers: int) -> Any | None:
+    """``config`` with ``n_layers`` decoder layers, or None when its layers are not all alike."""
+    cfg = copy.deepcopy(config)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        if len(set(types)) > 1:
+            return None
+        cfg.layer_types = list(types[:n_layers])
+    setattr(cfg, dict(spec.field_map).get("num_layers", "num_layers"), n_layers)
+    return cfg
+
+
+def trace_decoder(config: Any, spec: ArchSpec, opset: int, dtype: torch.dtype) -> tuple[ir.Model, int]:
+    """The weightless graph of the whole decoder, and how many of its layers were traced: a deep model is
+    traced with :data:`~llmopt.export.replicate.TRACED_LAYERS` layers and the last one copied
+    (:mod:`llmopt.export.replicate`), so the cost of tracing does not grow with depth."""
+    n_layers = dims_of(config).num_layers
+    shallow = _shallow(config, spec, TRACED_LAYERS) if n_layers > TRACED_LAYERS else None
+    if shallow is not None:
+        io = io_description(dims_of(shallow), "float32", opset)
+        graph = trace(empty_model(shallow, spec, dtype), opset, dtype, [t["name"] for t in io["inputs"]],
+                      [t["name"] for t in io["outputs"]])
+        if replicate_layers(graph, n_layers, f"{PREFIX}{spec.layers_path}"):
+            return graph, TRACED_LAYERS
+    io = io_description(dims_of(config), "float32", opset)
+    graph = trace(empty_model(config, spec, dtype), opset, dtype, [t["name"] for t in io["inputs"]],
+                  [t["name"] for t in io["outputs"]])
+    return graph, n_layers

@@ -1,8 +1,9 @@
 """Checkpoint tensors read and written one at a time, so peak memory is one tensor, not the model.
 
 * :class:`SafetensorsReader` — the tensors of a checkpoint directory (``model.safetensors``, or the shards
-  named by ``model.safetensors.index.json``) by name: shape and dtype from the headers, data on request
-  through ``safe_open`` (one file mapped at a time).
+  named by ``model.safetensors.index.json``) by name: shape and dtype from the headers (checked against
+  the file's size), data on request through ``safe_open`` (one file mapped per read). Load, quantize,
+  export and the reference model all read through it.
 * :class:`CheckpointWriter` — writes a planned set of tensors as one ``model.safetensors`` or as
   hub-style shards with an index. The safetensors library only serializes a complete dict of tensors, so
   the writer lays out each file's header from the plan (names, dtypes, shapes, the library's format:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -31,6 +33,8 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -67,47 +71,103 @@ def checkpoint_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a stored tensor is and what it is, from its file's header."""
+
+    file: Path
+    dtype: str                  # safetensors dtype name (BF16, F32, U8, ...)
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype | str:
+        """The torch dtype, or the safetensors name of one torch cannot hold here."""
+        return ST_DTYPES.get(self.dtype, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEM_BYTES.get(self.dtype, 4)
+
+
+def _corrupt(f: Path, exc: BaseException) -> UserError:
+    return UserError(f"{f}: corrupt safetensors file ({_first_line(exc)})", "re-download or re-save the checkpoint")
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """name → :class:`TensorInfo` from a safetensors file's header (8-byte length + JSON); no data is read.
+    Each tensor's byte range must lie inside the file and match its dtype and shape."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+        out = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            info = TensorInfo(path, entry["dtype"], tuple(int(d) for d in entry["shape"]))
+            begin, stop = entry["data_offsets"]
+            if stop + 8 + n > size:
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            if info.dtype in ITEM_BYTES and stop - begin != info.nbytes:
+                raise ValueError(f"tensor {name} holds {stop - begin} bytes, {info.dtype} {info.shape} needs "
+                                 f"{info.nbytes}")
+            out[name] = info
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        raise _corrupt(path, exc) from None
+
+
 class SafetensorsReader:
-    """name → (shape, dtype) from the headers; :meth:`get` reads one tensor."""
+    """Every tensor of a (sharded) safetensors checkpoint by name: shape and dtype from the headers, data
+    only on :meth:`get`. The one reader of load, quantize, export and the reference model."""
 
     def __init__(self, files: list[Path]) -> None:
-        self.files = files
-        self._where: dict[str, Path] = {}
-        self._info: dict[str, tuple[tuple[int, ...], torch.dtype | str]] = {}
-        for f in files:
-            with self._open(f) as sf:
-                for name in sf.keys():
-                    sl = sf.get_slice(name)
-                    st = sl.get_dtype()
-                    self._where[name] = f
-                    self._info[name] = (tuple(sl.get_shape()), ST_DTYPES.get(st, st))
+        self.files = list(files)
+        self.directory = self.files[0].parent if self.files else Path()
+        self.entries: dict[str, TensorInfo] = {}
+        for f in self.files:
+            self.entries.update(read_header(f))
 
-    @staticmethod
-    def _open(f: Path):  # noqa: ANN205
-        try:
-            return safe_open(str(f), framework="pt")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{f}: corrupt safetensors file ({_first_line(exc)})",
-                            "re-download or re-save the checkpoint") from None
+    @classmethod
+    def of(cls, directory: Path) -> "SafetensorsReader":
+        """The reader of a checkpoint directory (``llmopt load`` writes safetensors; pickle is refused)."""
+        directory = Path(directory)
+        files = checkpoint_files(directory)
+        if not files:
+            if any(directory.glob("pytorch_model*.bin")):
+                raise UserError(f"{directory}: the streaming stages read safetensors, not pickle weights",
+                                "convert the checkpoint with `llmopt load` first")
+            raise UserError(f"{directory}: no weights (*.safetensors or pytorch_model*.bin)")
+        return cls(files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self.entries)
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
         """Shape and dtype (a torch dtype, or the safetensors name of one torch cannot hold here)."""
-        return self._info[name]
+        e = self.entries[name]
+        return e.shape, e.torch_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read now. The file is mapped for this read only: a mapping kept open would count
         every page read so far in the process's RSS (a 13.5 GB single-file checkpoint, read to the end,
         would show 13.5 GB resident); reopening costs a header parse (well under a millisecond)."""
-        f = self._where[name]
+        f = self.entries[name].file
         try:
-            with self._open(f) as sf:
+            with safe_open(str(f), framework="pt") as sf:
                 return sf.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{f}: corrupt safetensors file ({_first_line(exc)})",
-                            "re-download or re-save the checkpoint") from None
+            raise _corrupt(f, exc) from None
 
 
 class _FileWriter:

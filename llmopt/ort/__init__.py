@@ -28,7 +28,8 @@ kept exactly.
 ``com.microsoft.SkipSimplifiedLayerNormalization``; ``pack_matmuls`` concatenates the weights of
 sibling MatMuls that read the same activation (q/k/v, gate/up) so each layer runs fewer, larger GEMMs;
 ``quantize_lm_head`` turns the float lm_head MatMul into MatMulNBits (int4/int8, block-wise);
-``quantize_kv_cache`` stores the GroupQueryAttention cache as int8 with calibrated per-channel scales.
+``add_logits_window`` lets a prefill compute the lm_head for its last position only (an input that
+defaults to every position); ``quantize_kv_cache`` stores the GroupQueryAttention cache as int8 with calibrated per-channel scales.
 """
 
 from llmopt.ort.attention import (CAPACITY_DIM, SEQLENS_K, TOTAL_SEQ, find_attention_blocks, fuse_gqa, gqa_io,
@@ -37,12 +38,13 @@ from llmopt.ort.graph import MS_DOMAIN, RewriteUnsupported, prune
 from llmopt.ort.kv_cache import calibrate as calibrate_kv
 from llmopt.ort.kv_cache import int8_io, quantize_kv_cache
 from llmopt.ort.kv_cache import rotary_of as kv_rotary_of
+from llmopt.ort.logits_window import LOGITS_FROM, add_logits_window
 from llmopt.ort.lm_head import LM_HEAD_BLOCK, fuse_tied_lm_head, lm_head_node, pack_nbits, quantize_lm_head, rtn_blockwise
 from llmopt.ort.store import TensorStore, relocate
 from llmopt.ort.norms import fuse_skip_rmsnorm
 from llmopt.ort.packing import pack_matmuls
 
-__all__ = ["CAPACITY_DIM", "LM_HEAD_BLOCK", "MS_DOMAIN", "SEQLENS_K", "TOTAL_SEQ", "RewriteUnsupported",
+__all__ = ["CAPACITY_DIM", "LM_HEAD_BLOCK", "LOGITS_FROM", "add_logits_window", "MS_DOMAIN", "SEQLENS_K", "TOTAL_SEQ", "RewriteUnsupported",
            "TensorStore", "calibrate_kv", "find_attention_blocks", "fuse_tied_lm_head", "fuse_gqa", "fuse_skip_rmsnorm", "gqa_io", "int8_io",
            "kv_rotary_of", "lm_head_node", "pack_matmuls", "pack_nbits", "prune", "quantize_kv_cache",
            "quantize_lm_head", "relocate", "rotary_tables", "rtn_blockwise"]

@@ -29,16 +29,24 @@ class DecoderSession(ABC):
 
     def __init__(self) -> None:
         self._mask: np.ndarray | None = None
+        self._last_only = False  # this prefill wants the last position's logits only (a session may skip the rest)
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        """Run the prompt (batch, seq); returns float32 logits (batch, seq, vocab)."""
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                last_only: bool = False) -> np.ndarray:
+        """Run the prompt (batch, seq); returns float32 logits (batch, seq, vocab), or with ``last_only``
+        (batch, 1, vocab): the last column's (a left-padded row's last token), all generation needs."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         self._mask = mask
         self.reset(ids.shape[0])
-        return self._step(ids, mask, positions_from_mask(mask))
+        self._last_only = last_only
+        try:
+            logits = self._step(ids, mask, positions_from_mask(mask))
+        finally:
+            self._last_only = False
+        return logits[:, -1:] if last_only and logits.shape[1] > 1 else logits
 
     def decode(self, next_ids: np.ndarray) -> np.ndarray:
         """Append one token per row (batch,) or (batch, 1); returns logits (batch, 1, vocab)."""

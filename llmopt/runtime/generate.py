@@ -80,7 +80,7 @@ def run_loop(session: DecoderSession, prompts: list[list[int]], max_new_tokens: 
                 finished[:] |= np.fromiter(done, bool, count=len(prompts))
 
     t0 = time.perf_counter()
-    nxt = choose(session.prefill(ids, mask))
+    nxt = choose(session.prefill(ids, mask, last_only=True))
     prefill_s = time.perf_counter() - t0
     out, steps = [nxt], []
     report(nxt)

@@ -170,10 +170,13 @@ class OrtGqaSession(OrtSession):
         self._logits = None
         self._ids = None     # the bound input_ids OrtValue, reused while its shape holds
         self._mask_ov = None  # the attention_mask bound for the current step (its width grows every step)
+        self._logits_shape: list[int] | None = None
+        self._window = io.get("logits_window")  # the input choosing the positions the lm_head runs on
+        self._window_ovs = {}
 
     def reopen(self, profile_prefix: str | None = None) -> None:
         super().reopen(profile_prefix)
-        self.kv_buffers, self._ids = [], None  # bound to the old session's binding: allocate and bind again
+        self.kv_buffers, self._ids, self._logits_shape = [], None, None  # bound to the old binding: bind again
 
     def reset(self, batch: int) -> None:
         d = self.dims
@@ -184,7 +187,7 @@ class OrtGqaSession(OrtSession):
             b = self.binding
             b.clear_binding_inputs()
             b.clear_binding_outputs()
-            self._ids = None
+            self._ids = self._logits_shape = None
             for past, present, ov in zip(self.past, self.present, self.kv_buffers):
                 b.bind_ortvalue_input(past, ov)
                 b.bind_ortvalue_output(present, ov)
@@ -192,14 +195,16 @@ class OrtGqaSession(OrtSession):
         self._lengths = None
         self._prompt = True
 
-    def run_rows(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def run_rows(self, ids: np.ndarray, lengths: np.ndarray, last_only: bool = False) -> np.ndarray:
         """The low-level step over the bound KV buffers (continuous batching builds on this).
 
         ``ids [batch, seq]``: each row's new tokens, right-padded; ``lengths [batch]``: each row's tokens
         in the cache *after* this step (its cache length before + its new tokens). A row's tokens occupy
         cache positions 0..length-1 and the new ones are written at the end, in place. All rows of one
         call add ``seq`` tokens, except a first prompt (every cache empty), where rows may be shorter
-        than ``seq``. Returns logits [batch, seq, vocab] in a buffer the next call overwrites.
+        than ``seq``. Returns logits [batch, seq, vocab] in a buffer the next call overwrites; with
+        ``last_only`` (for rows that all end at the last column) [batch, 1, vocab], the lm_head run for
+        that position alone where the engine has the window input (older engines: sliced here).
 
         The graph reads the lengths from ``attention_mask`` as ONNX Runtime GenAI feeds it: row sum =
         length, width = the longest row.
@@ -216,14 +221,25 @@ class OrtGqaSession(OrtSession):
         b.bind_ortvalue_input("attention_mask", self._mask_ov)
         if self._ids is not None and self._ids.shape() == list(ids.shape):
             self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))  # decode: same OrtValue, new contents
-        else:  # a new shape (prompt, or the first decode step): bind fresh ids and a logits buffer
+        else:  # a new shape (prompt, or the first decode step): bind fresh ids
             self._ids = ov.ortvalue_from_shape_and_type(list(ids.shape), np.int64, "cpu", 0)
             self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
             b.bind_ortvalue_input("input_ids", self._ids)
-            self._logits = ov.ortvalue_from_shape_and_type([*ids.shape, self.dims.vocab_size], self.kv_dtype, "cpu", 0)
+        window = last_only and self._window is not None and ids.shape[1] > 1
+        if self._window is not None:
+            start = -1 if window else 0
+            if start not in self._window_ovs:  # (the array kept beside the OrtValue that views it)
+                arr = np.array([start], np.int64)
+                self._window_ovs[start] = (arr, ov.ortvalue_from_numpy(arr))
+            b.bind_ortvalue_input(self._window, self._window_ovs[start][1])
+        shape = [ids.shape[0], 1 if window else ids.shape[1], self.dims.vocab_size]
+        if shape != self._logits_shape:
+            self._logits = ov.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cpu", 0)
+            self._logits_shape = shape
             b.bind_ortvalue_output("logits", self._logits)
         self.session.run_with_iobinding(b)
-        return self._logits.numpy()
+        logits = self._logits.numpy()
+        return logits[:, -1:] if last_only else logits
 
     def _step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if not self._prompt:  # decode: one new token per row, appended at each row's own length
@@ -236,12 +252,14 @@ class OrtGqaSession(OrtSession):
             raise ValueError("a prompt row has no token with attention_mask 1")
         self._lengths = lengths.astype(np.int64)
         if keep.all():
-            return self.run_rows(ids, self._lengths).astype(np.float32, copy=False)
+            return self.run_rows(ids, self._lengths, self._last_only).astype(np.float32, copy=False)
         width = int(lengths.max())
         compact = np.zeros((ids.shape[0], width), np.int64)
         for r in range(ids.shape[0]):
             compact[r, :lengths[r]] = ids[r, keep[r]]
         logits = self.run_rows(compact, self._lengths)
+        if self._last_only:  # a left-padded row ends at the last column: its last real token
+            return logits[np.arange(ids.shape[0]), lengths - 1][:, None].astype(np.float32)
         out = np.zeros((*ids.shape, logits.shape[-1]), np.float32)
         for r in range(ids.shape[0]):
             out[r, keep[r]] = logits[r, :lengths[r]]

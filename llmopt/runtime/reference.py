@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from llmopt.errors import UserError
 from llmopt.export.trace import aliases, meta_model, real_buffers
-from llmopt.export.weights import CheckpointTensors
+from llmopt.models.safetensors_io import SafetensorsReader
 from llmopt.models.loader import read_config
 from llmopt.quant.format import is_quantized, read_scheme
 from llmopt.quant.packing import unpack_int4
@@ -67,7 +67,7 @@ def load_reference(path: Path) -> torch.nn.Module:
     """The eval-mode model of checkpoint ``path`` (float or quantized), reading each tensor once."""
     path = Path(path)
     config, spec = read_config(path)
-    tensors = CheckpointTensors(path)
+    tensors = SafetensorsReader.of(path)
     scheme = read_scheme(path) if is_quantized(path) else None
     model = meta_model(config, spec, torch.float32)
     qmods = (scheme or {}).get("modules", {})

@@ -85,8 +85,9 @@ class GqaSlots(Slots):
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
         self._bind_rows(first, n)
-        logits = self.session.run_rows(ids, np.asarray(past, np.int64) + new)  # the session's own feeds
-        return logits[np.arange(n), new - 1].astype(np.float32)
+        ends_last = bool((new == width).all())  # every row's last token in the last column: its logits alone
+        logits = self.session.run_rows(ids, np.asarray(past, np.int64) + new, last_only=ends_last)
+        return (logits[:, -1] if ends_last else logits[np.arange(n), new - 1]).astype(np.float32)
 
     def move(self, src: int, dst: int, length: int) -> None:
         for a in self.kv:
@@ -113,7 +114,7 @@ class SingleSlot(Slots):
             raise UserError(f"context of {p + len(row)} tokens exceeds this engine's capacity of {self.capacity}",
                             "send a shorter prompt or fewer max_tokens")
         if p == 0:
-            return self.session.prefill(np.asarray([row], np.int64))[:, -1]
+            return self.session.prefill(np.asarray([row], np.int64), last_only=True)[:, -1]
         if len(row) != 1:
             raise ValueError("SingleSlot appends one token at a time after the prompt")
         return self.session.decode(np.asarray(row, np.int64))[:, -1]

@@ -139,6 +139,9 @@ def rewrite_for_ort(onnx_art: Artifact, out: Path, config: BuildConfig, io: dict
             raise UserError(f"{onnx_art.path}: cannot quantize lm_head: {exc}", "build with quantize_lm_head: none") from None
     else:
         done["lm_head"] = F.fuse_tied_lm_head(model)
+    if done["attention"] == "gqa":  # the session that feeds it; a standard graph keeps the export's outputs
+        done["logits_window"] = F.add_logits_window(model)
+        io = {**io, "logits_window": F.LOGITS_FROM}
     _link_source_data(onnx_art, out)
     F.relocate(model, DATA_FILE, SOURCE_DATA)
     dst = out / REWRITTEN

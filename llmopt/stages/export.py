@@ -17,8 +17,8 @@ import torch
 from llmopt.artifact import Artifact
 from llmopt.estimates import export_estimate
 from llmopt.export.bind import bind_weights, quantize_activations
-from llmopt.export.trace import empty_model, trace
-from llmopt.export.weights import CheckpointTensors
+from llmopt.export.trace import empty_model, trace_decoder
+from llmopt.models.safetensors_io import SafetensorsReader
 from llmopt.export.wrapper import io_description
 from llmopt.models.loader import DTYPES, read_config
 from llmopt.models.registry import dims_of
@@ -60,31 +60,57 @@ def _drop_identity_reshapes(model: ir.Model) -> int:
     return dropped
 
 
+def _optimizer_passes() -> ir.passes.Sequential:
+    """What ``onnxscript.optimizer.optimize_ir`` (the exporter's ``optimize=True``) runs, less the SlicesSplit
+    rewrite: its matcher lists every node of the graph for each Slice it tries, O(nodes x slices), which
+    was half of a 30-layer export; the graphs it would rewrite (rotate_half) are fused into
+    RotaryEmbedding afterwards anyway."""
+    import onnx_ir.passes.common as common
+    import onnxscript.rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    rules = [r for r in onnxscript.rewriter._DEFAULT_REWRITE_RULES if r.name != "SlicesSplit"]
+    fold = _constant_folding.FoldConstantsPass(
+        shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+        output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT)
+    return ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([fold, onnxscript.rewriter.RewritePass(rules),
+                               common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
+                               common.RemoveUnusedOpsetsPass()], steps=2, early_stop=True),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass())
+
+
 def _optimize(model: ir.Model) -> None:
     """Constant folding and the fusions the exporter's optimizer applies (RMSNormalization, RotaryEmbedding);
     it folds only small constants, so the lazy weights stay unread."""
-    import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
-    onnxscript.optimizer.optimize_ir(model)  # what torch.onnx.export(optimize=True) runs
+    _optimizer_passes()(model)
     onnxscript.rewriter.onnx_fusions.fuse(model)
     if _drop_identity_reshapes(model):
-        onnxscript.optimizer.optimize_ir(model)  # drops the shape computations that fed them
+        _optimizer_passes()(model)  # drops the shape computations that fed them
 
 
 def export_checkpoint(path: Path, out: Path, opset: int, dtype: str, progress: Progress) -> dict:
     config, spec = read_config(path)
-    tensors = CheckpointTensors(path)
+    tensors = SafetensorsReader.of(path)
     scheme = read_scheme(path) if is_quantized(path) else None
     quantization = None if scheme is None else {k: scheme.get(k) for k in
                                                 ("method", "bits", "group_size", "symmetric", "activations")}
     dims = dims_of(config)
     io = io_description(dims, dtype, opset, quantization)
-    model = empty_model(config, spec, DTYPES[dtype])
     with progress.task(f"trace the graph (opset {opset}, {dtype}, no weights)"):
-        graph = trace(model, opset, DTYPES[dtype], [t["name"] for t in io["inputs"]],
-                      [t["name"] for t in io["outputs"]])
+        graph, traced = trace_decoder(config, spec, opset, DTYPES[dtype])
+    model = empty_model(config, spec, DTYPES[dtype])
     bound = bind_weights(graph, model, tensors, scheme)
+    bound["traced_layers"] = traced
     del model
     _optimize(graph)
     bound["activation_qdq"] = quantize_activations(graph, tensors, scheme)
@@ -114,7 +140,7 @@ def run(config: ExportConfig, inputs: list[Artifact], out: Path, progress: Progr
             "op_types": dict(sorted(ops.items())), "num_layers": io["num_layers"],
             "architecture": ckpt.metadata.get("architecture"), "quantization": io["quantization"],
             "rewrite": io.get("rewrite"), "shared_initializers": bound["shared"],
-            "transposed_weights": bound["transposed"]}
+            "transposed_weights": bound["transposed"], "traced_layers": bound["traced_layers"]}
 
 
 STAGE = Stage(name="export", kind="onnx", version=2, config_model=ExportConfig, run=run,

@@ -127,3 +127,25 @@ def test_gqa_required_but_unsupported_is_a_user_error(tiny_onnx, tmp_path, monke
         _build(tiny_onnx, tmp_path / "e", attention="gqa")
     meta = open_artifact(_build(tiny_onnx, tmp_path / "auto")).metadata  # auto falls back, says why
     assert meta["attention"] == "standard" and meta["rewrite"]["gqa_unsupported"] == "no attention here"
+
+
+def test_prefill_last_only_runs_the_lm_head_on_the_last_position(gqa_engine):
+    graph = onnx.load(str(gqa_engine / "model.onnx"), load_external_data=False).graph
+    window = next(n for n in graph.node if n.op_type == "Slice" and "logits_from" in n.input)
+    head = next(n for n in graph.node if "logits" in n.output)
+    assert head.input[0] == window.output[0]  # the lm_head reads the window, nothing else does
+    default = next(t for t in graph.initializer if t.name == "logits_from")
+    assert onnx.numpy_helper.to_array(default).tolist() == [0] and "logits_from" in {i.name for i in graph.input}
+    s = open_session(open_artifact(gqa_engine))
+    assert s.io["logits_window"] == "logits_from"
+    prompts = _prompts(s.dims.vocab_size)
+    one = np.asarray([prompts[1]], np.int64)
+    full = s.prefill(one)
+    assert full.shape == (1, len(prompts[1]), s.dims.vocab_size)  # not fed: every position, as GenAI sees it
+    last = s.prefill(one, last_only=True)
+    assert last.shape == (1, 1, s.dims.vocab_size) and s._logits.shape() == [1, 1, s.dims.vocab_size]
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    nxt = last[:, -1].argmax(-1)
+    np.testing.assert_allclose(s.decode(nxt), (s.prefill(one), s.decode(nxt))[1], rtol=1e-5, atol=1e-5)
+    ids, mask = left_pad(prompts)  # unequal rows: compacted, each row's own last token
+    np.testing.assert_allclose(s.prefill(ids, mask, last_only=True), s.prefill(ids, mask)[:, -1:], rtol=1e-5, atol=1e-5)
