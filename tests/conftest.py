@@ -52,3 +52,12 @@ def tiny_onnx(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "tiny-llama-onnx"
     assert main(["-q", "export", str(tiny_ckpt), "-o", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def gptq_int4_workdir(tmp_path_factory) -> Path:
+    """One convert work directory for the recipes that share load + GPTQ int4 g128 + export
+    (recipes/int4-gptq.yaml, recipes/int4-cpu-fast.yaml): whichever test converts first pays for the
+    GPTQ calibration, the other's convert reuses those stages by key (and rebuilds only build/validate).
+    Each test still runs its own convert and reads its own report."""
+    return tmp_path_factory.mktemp("gptq-int4") / "w"

@@ -163,10 +163,11 @@ def test_kv_cache_int8_without_a_tokenizer_is_a_user_error(tiny_onnx, tmp_path, 
 
 
 @pytest.mark.slow
-def test_int4_cpu_fast_recipe_quality_on_the_trained_model(cli, tmp_path):
+def test_int4_cpu_fast_recipe_quality_on_the_trained_model(cli, gptq_int4_workdir):
     """GPTQ int4 g128 + int8 lm_head + int8 KV cache: the recipe's gates pass on real weights, and the
-    int8 cache costs (almost) nothing next to the same engine with a float cache."""
-    w = tmp_path / "w"
+    int8 cache costs (almost) nothing next to the same engine with a float cache. The work directory is
+    shared with the int4-gptq recipe's test (same load/quantize/export: GPTQ runs once)."""
+    w = gptq_int4_workdir
     r = cli("convert", ROOT / "recipes" / "int4-cpu-fast.yaml", "-w", w, "--json")
     assert r.code == 0, r.err
     rep = json.loads((w / "report" / "report.json").read_text())
