@@ -18,13 +18,18 @@ It knows no method by name: it calls the hooks of a :class:`llmopt.quant.method.
    relative output error of the method and of RTN.
 4. The layer is run once more with its quantized weights; its outputs are the next layer's inputs.
 
-Calibration batches interleave the samples (batch b holds samples b, b + nb, …), so every batch spans
-the whole text; block-output objectives (AWQ) use the first batch (≤ ``batch_tokens`` tokens).
+Every forward runs on one calibration batch of at most ``batch_tokens`` tokens (whole samples, at least
+one), its statistics accumulated, so the forward's intermediates (the MLP's ``tokens × ffn`` tensors, the
+attention scores) are those of one batch, not of every token. The samples are ordered so that the first
+``BLOCK_TOKENS`` tokens' worth of them interleave over the whole text (sample s, s + k, s + 2k, …);
+block-output objectives (AWQ) use those first batches, the same samples whatever ``batch_tokens`` is.
 
-Peak memory: the layers' neighbours (embeddings; final norm and lm_head when it is quantized), one layer
-in float32, the calibration activations of one layer boundary (inputs and outputs: reported as
-``activation_bytes``) and one group's statistics. Linears outside the decoder layers (``lm_head``, ignored
-by default) go through ``quantize_head`` with the final norm's input Hessian; embeddings stay float.
+Peak memory: the layers' neighbours (final norm and lm_head when it is quantized; the embeddings only
+until layer 0's inputs are captured, if the store lets them go), one layer in float32, the calibration
+hidden states of one layer boundary plus one batch of the next (reported as ``activation_bytes``: each
+batch's output replaces its input as the layer runs), one batch's forward and one group's statistics.
+Linears outside the decoder layers (``lm_head``, ignored by default) go through ``quantize_head`` with the
+final norm's input Hessian; embeddings stay float.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ __all__ = ["LayerStore", "QuantResult", "quantize_model"]
 class LayerStore:
     """Where the decoder layers' weights live between uses. This one: in the model (nothing to do)."""
 
+    def captured(self, model: nn.Module) -> None:
+        """Layer 0's calibration inputs were captured: what only that needed (embeddings) may be freed."""
+
     def load(self, index: int, layer: nn.Module) -> None:
         """Give ``layer`` its weights before it is calibrated."""
 
@@ -57,13 +65,23 @@ class LayerStore:
         """``layer`` is final (quantized, smoothed): keep it or write it out and free it."""
 
 
+BLOCK_TOKENS = 4096  # calibration tokens of block-output objectives (AWQ): the first batches that hold them
+BATCH_TOKENS = 512  # tokens per calibration forward (whole samples, at least one)
+
+
 def _hidden_bytes(cached: list | None) -> int:
     return sum(h.numel() * h.element_size() for h, _, _ in cached) if cached else 0
 
 
+def calibration_order(samples: int, seq_len: int) -> list[int]:
+    """Sample order: the first ``BLOCK_TOKENS // seq_len`` interleave over the text (s, s + k, …), and so on."""
+    k = -(-samples // max(1, BLOCK_TOKENS // seq_len))
+    return [i for start in range(k) for i in range(start, samples, k)]
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None,
-                   progress: Progress = SILENT, batch_tokens: int = 4096,
+                   progress: Progress = SILENT, batch_tokens: int = BATCH_TOKENS,
                    store: LayerStore | None = None) -> QuantResult:
     """Quantize ``model`` following ``config`` (a ``QuantizeConfig``); see the module doc.
 
@@ -82,18 +100,20 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
         raise UserError(f"{method.name} needs calibration data")
 
     cached = None
+    block_batches = 1
     if calib_ids is not None:
-        seq_len = calib_ids.shape[1]
+        samples, seq_len = calib_ids.shape
         batch = max(1, batch_tokens // seq_len)
+        block_batches = -(-max(1, BLOCK_TOKENS // seq_len) // batch)
         t0 = time.perf_counter()
-        nb = -(-calib_ids.shape[0] // batch)
-        interleave = [i for start in range(nb) for i in range(start, calib_ids.shape[0], nb)]
-        cached = capture_layer0_inputs(model, layers, calib_ids[interleave], batch)  # each batch spans the text
-        res.calibration = {"samples": int(calib_ids.shape[0]), "seq_len": int(seq_len),
+        cached = capture_layer0_inputs(model, layers, calib_ids[calibration_order(samples, seq_len)], batch)
+        store.captured(model)
+        res.calibration = {"samples": int(samples), "seq_len": int(seq_len),
                            "tokens": int(calib_ids.numel()), "batch": batch,
                            "capture_s": round(time.perf_counter() - t0, 3),
-                           "activation_bytes": 2 * _hidden_bytes(cached),
-                           "activation_note": "one layer's calibration inputs and outputs (float32), held at once"}
+                           "activation_bytes": _hidden_bytes(cached) + _hidden_bytes(cached[:1]),
+                           "activation_note": "one layer boundary's calibration hidden states (float32) plus one "
+                                              f"batch of the next ({batch} x {seq_len} tokens per forward)"}
 
     groups = sublayer_groups(spec)
     smooth_by_first = {g.linears[0]: g for g in spec.smooth_groups}
@@ -109,9 +129,12 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
                     res.ignored += [n for n in names if is_ignored(n, patterns)]
                     targets = [lin for lin, n in zip(grp, names) if not is_ignored(n, patterns)]
                     if targets:
-                        hooks += _group(method, layer, grp, targets, prefix, smooth_by_first.get(grp[0]), cached, res)
+                        hooks += _group(method, layer, grp, targets, prefix, smooth_by_first.get(grp[0]), cached,
+                                        res, block_batches)
                 if cached is not None:
-                    cached = [(layer_out(layer(h, *rest, **kw)), rest, kw) for h, rest, kw in cached]
+                    for i, (h, rest, kw) in enumerate(cached):  # each batch's output replaces its input
+                        cached[i] = (layer_out(layer(h, *rest, **kw)), rest, kw)
+                        del h
             finally:
                 for hk in hooks:
                     hk.remove()
@@ -124,13 +147,13 @@ def quantize_model(model: nn.Module, config: Any, calib_ids: torch.Tensor | None
 
 
 def _group(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list[str], prefix: str,
-           smooth: Any, cached: list | None, res: QuantResult) -> list[Any]:
+           smooth: Any, cached: list | None, res: QuantResult, block_batches: int = 1) -> list[Any]:
     stats = None
     if cached is not None:
         block = method.block_of(smooth)
         block_mod = layer.get_submodule(block) if block else None
         stats = collect(layer, layer.get_submodule(grp[0]), cached, method.sample_every(res.calibration["tokens"]),
-                        block_mod)
+                        block_mod, block_batches)
         stats.block = block_mod
     with one_thread():
         return _hooks(method, layer, grp, targets, prefix, smooth, stats, res)
@@ -148,7 +171,8 @@ def _hooks(method: Method, layer: nn.Module, grp: tuple[str, ...], targets: list
         res.smoothing[prefix + smooth.prev] = info
         fold_scales(layer, smooth, ctx.col_scale, res.qtensors, prefix)
     mods = {lin: layer.get_submodule(lin) for lin in targets}
-    qts = method.quantize_group(ctx, {lin: get_weight(m) for lin, m in mods.items()})  # after folding
+    # after folding (without it, the weights are w_orig's copies: the methods do not modify their inputs)
+    qts = method.quantize_group(ctx, ctx.w_orig if found is None else {lin: get_weight(m) for lin, m in mods.items()})
     for lin in targets:
         qt = qts[lin]
         res.qtensors[prefix + lin] = qt

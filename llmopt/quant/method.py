@@ -115,8 +115,10 @@ class Method:
         w_eff = qt.dequantize()
         if ctx.col_scale is not None:
             w_eff = w_eff / ctx.col_scale.unsqueeze(0)
+        err = output_error(w0, w_eff, ctx.stats.h)
+        del w_eff  # one float copy of the weight at a time
         rtn = quantize(w0, self.bits, self.group_size, self.symmetric).dequantize()
-        return {"method": output_error(w0, w_eff, ctx.stats.h), "rtn": output_error(w0, rtn, ctx.stats.h)}
+        return {"method": err, "rtn": output_error(w0, rtn, ctx.stats.h)}
 
     def after_group(self, ctx: GroupContext) -> list[Any]:
         """Forward hooks to keep on the layer until it is done (SmoothQuant: activation fake-quant)."""

@@ -4,7 +4,8 @@
   safetensors, quantized and written (a 7B model's peak is its largest tensor in float32 plus a few copies).
 * :class:`DiskLayers` — the :class:`~llmopt.quant.calibrate.LayerStore` of the calibrated driver: a
   decoder layer's weights are read from the checkpoint (float32) just before the driver calibrates it, and
-  written and dropped (back to the meta device) once it is final.
+  written and dropped (back to the meta device) once it is final; the embeddings are dropped once layer 0's
+  calibration inputs are captured.
 """
 
 from __future__ import annotations
@@ -65,13 +66,26 @@ def quantize_stream(source: TensorSource, names: list[str], linears: dict[str, d
 class DiskLayers(LayerStore):
     """Decoder layers brought in from ``source`` one at a time and written to ``writer`` when final."""
 
-    def __init__(self, source: TensorSource, writer: QuantizedWriter, layers_path: str) -> None:
+    def __init__(self, source: TensorSource, writer: QuantizedWriter, layers_path: str,
+                 free_embeddings: bool = True) -> None:
         self.source, self.writer = source, writer
+        self.free_embeddings = free_embeddings  # False: a quantized lm_head tied to them still needs them
         self.prefix = layers_path + "."
         self.by_layer: dict[int, list[str]] = {}
         for name in source.names():
             if name.startswith(self.prefix):
                 self.by_layer.setdefault(int(name[len(self.prefix):].split(".", 1)[0]), []).append(name)
+
+    def captured(self, model: nn.Module) -> None:
+        """The embeddings (float32: 262 MB for a 32000 x 2048 vocabulary) served only layer 0's inputs; the
+        stage copies them to the output from the checkpoint."""
+        emb = model.get_input_embeddings()
+        if not self.free_embeddings or emb is None or getattr(emb, "weight", None) is None:
+            return
+        head = model.get_output_embeddings()
+        if head is not None and getattr(head, "weight", None) is emb.weight:  # tied, and not quantized
+            head.to("meta")
+        emb.to("meta")
 
     def load(self, index: int, layer: nn.Module) -> None:
         start = f"{self.prefix}{index}."

@@ -122,7 +122,8 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
         outside = [n for n in names if not n.startswith(layer_prefix)
                    and not any(n == f"{m}.weight" for m in ignored)]
         assign(skeleton, source, outside, torch.float32, where)  # embeddings (+ final norm / lm_head)
-        result = quantize_model(skeleton, config, ids, progress, store=DiskLayers(source, writer, spec.layers_path))
+        store = DiskLayers(source, writer, spec.layers_path, free_embeddings=tied_head is None)
+        result = quantize_model(skeleton, config, ids, progress, store=store)
         result.calibration = {**cal_summary, **result.calibration}
         for n in names:
             if not n.startswith(layer_prefix) and n in writer.floats:

@@ -77,13 +77,37 @@ def test_dead_inputs():
     assert output_error(w, dq, h) < output_error(w, quantize(w, 4, 32).dequantize(), h)
 
 
-def test_inverse_factor_is_upper_cholesky_of_inverse():
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-6, 1e-9), (torch.float32, 1e-3, 1e-6)])
+def test_inverse_factor_is_upper_cholesky_of_inverse(dtype, rtol, atol):
     _, x = _data(inp=64, out=8)
-    h = x.t() @ x
-    u = inverse_hessian_factor(h, 0.01)
-    assert torch.allclose(u, torch.triu(u))
+    h = (x.t() @ x).to(dtype)
+    before = h.clone()
+    u = inverse_hessian_factor(h, 0.01)  # factorized in place in a working copy
+    assert u.dtype == dtype and torch.equal(h, before)
+    assert torch.equal(u, torch.triu(u))
     hd = h.double() + 0.01 * torch.diagonal(h).mean().double() * torch.eye(64, dtype=torch.float64)
-    torch.testing.assert_close(u.t() @ u, torch.linalg.inv(hd), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close((u.t() @ u).double(), torch.linalg.inv(hd), rtol=rtol, atol=atol)
+
+
+def test_inverse_factor_dead_inputs_and_float64_retry(monkeypatch):
+    from llmopt.quant import gptq
+
+    _, x = _data(inp=64, out=8)
+    x[:, 5] = 0.0
+    h = x.t() @ x
+    hd = h.double().clone()
+    hd[5, 5] = 1.0
+    hd += 0.01 * torch.diagonal(hd).mean() * torch.eye(64, dtype=torch.float64)
+    u = inverse_hessian_factor(h, 0.01, torch.diagonal(h) == 0)
+    torch.testing.assert_close((u.t() @ u).double(), torch.linalg.inv(hd), rtol=1e-3, atol=1e-6)
+    # a float32 factorization that fails is retried in float64 at the same dampening, before it grows
+    calls, real = [], gptq._factor_in_place
+    monkeypatch.setattr(gptq, "_factor_in_place",
+                        lambda a, lam: calls.append((a.dtype, lam)) or (a.dtype == torch.float64 and real(a, lam)))
+    u = inverse_hessian_factor(h, 0.01, torch.diagonal(h) == 0)
+    assert [c[0] for c in calls] == [torch.float32, torch.float64] and calls[0][1] == calls[1][1]
+    assert u.dtype == torch.float32
+    torch.testing.assert_close((u.t() @ u).double(), torch.linalg.inv(hd), rtol=1e-5, atol=1e-8)
 
 
 def test_singular_hessian_is_dampened():
