@@ -92,6 +92,23 @@ def measured(cmd: list[str], log: Path) -> dict:
             "log": str(log)}
 
 
+def from_manifest(out: Path) -> dict:
+    """What the stage recorded about itself: its sampled peak and, for calibrated quantize, the calibration
+    activations it reports holding (the target is relative to them)."""
+    try:
+        md = json.loads((out / "manifest.json").read_text())["metadata"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    got = {"sampled_peak_rss_bytes": md.get("resources", {}).get("measured", {}).get("peak_rss_bytes")}
+    cal = md.get("calibration") or {}
+    if "activation_bytes" in cal:
+        got["activation_bytes"] = cal["activation_bytes"]
+        got["calibration_batch"] = cal.get("batch")
+    if md.get("error_summary"):
+        got["error_summary"] = md["error_summary"]
+    return got
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
@@ -117,6 +134,7 @@ def run_chain(args: argparse.Namespace, work: Path, source: dict) -> dict:
         r = measured(cmds[stage], work / f"{stage}.log")
         r["output_bytes"] = du(paths[stage])
         r["peak_rss_vs_checkpoint"] = round(r["peak_rss_mb"] * 2**20 / source["bytes"], 3)
+        r.update(from_manifest(paths[stage]))
         results[stage] = r
         print(f"    rc {r['rc']}  {r['wall_s']} s  peak RSS {r['peak_rss_mb']} MB "
               f"({r['peak_rss_vs_checkpoint']}x checkpoint)", file=sys.stderr)
@@ -154,7 +172,8 @@ def markdown(data: dict) -> str:
              "| stage | wall time | peak RSS | RSS / checkpoint | output |", "|---|---|---|---|---|"]
     for name, r in {**data["stages"], **({"GenAI builder int4": data["genai"]} if "genai" in data else {})}.items():
         status = "" if r["rc"] == 0 else f" (exit {r['rc']})"
-        lines.append(f"| {name}{status} | {r['wall_s']:.0f} s | {r['peak_rss_mb'] / 1024:.2f} GB | "
+        act = f" (calibration activations {r['activation_bytes'] / 1e6:.0f} MB)" if "activation_bytes" in r else ""
+        lines.append(f"| {name}{status} | {r['wall_s']:.0f} s | {r['peak_rss_mb'] / 1024:.2f} GB{act} | "
                      f"{r['peak_rss_vs_checkpoint']:.2f}× | {r['output_bytes'] / 1e9:.2f} GB |")
     return "\n".join(lines)
 

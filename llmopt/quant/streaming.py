@@ -21,6 +21,7 @@ from llmopt.progress import Progress
 from llmopt.quant.calibrate import LayerStore
 from llmopt.quant.format import QuantizedWriter
 from llmopt.quant.method import Method, QuantResult, one_thread
+from llmopt.resources import release_free_memory
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -108,3 +109,4 @@ class DiskLayers(LayerStore):
             if name in self.writer.floats:
                 self.writer.write_float(name, state[name[len(start):]])
         layer.to("meta")  # frees the layer's memory
+        release_free_memory()  # and its pages, wherever in the heap they were

@@ -26,7 +26,7 @@ import torch
 from llmopt.artifact import Artifact
 from llmopt.errors import UserError
 from llmopt.estimates import quantize_estimate
-from llmopt.resources import return_freed_memory_promptly
+from llmopt.resources import release_free_memory, return_freed_memory_promptly
 from llmopt.models import presets
 from llmopt.models.loader import (DTYPE_NAMES, assign, checked_names, empty_model, expected_tensors, load_tokenizer,
                                   open_weights, read_config)
@@ -95,6 +95,8 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
     started = time.perf_counter()
     method = method_for(config)
     calibrated = method.calibrated or config.error_stats
+    if calibrated:  # before the skeletons are built (their parameters pass through CPU allocations)
+        return_freed_memory_promptly()  # one layer's working set at a time, not every layer's high-water mark
     with progress.task("read checkpoint headers"):
         model_config, spec = read_config(src.path)
         raw_config = json.loads((src.path / "config.json").read_text())
@@ -117,7 +119,7 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
         result.calibration = {"text": None, "note": "RTN streams the weights: no model, no calibration data "
                                                     "(error_stats: true measures per-linear errors)"}
     else:
-        return_freed_memory_promptly()  # one layer's working set at a time, not every layer's high-water mark
+        release_free_memory()
         layer_prefix = spec.layers_path + "."
         outside = [n for n in names if not n.startswith(layer_prefix)
                    and not any(n == f"{m}.weight" for m in ignored)]

@@ -83,8 +83,10 @@ def test_load_and_rtn_quantize_hold_a_tensor_not_the_model(big_checkpoint, basel
 def test_gptq_holds_two_float32_hessians_not_float64_copies(baseline_mb, tmp_path):
     """2 layers, hidden 256, MLP 4096 wide: down_proj's Hessian is 4096² float32 = 64 MiB, the rest small
     (model 35 MiB). 16 x 256 calibration tokens: one forward over all of them would hold 4096 x 4096 float32
-    MLP intermediates (64 MiB each). The float64 factorization with its copies measured ~0.8 GB above the
-    interpreter here; Hessian + in-place factor + the weights' copies and one batch's forward ~0.2 GB."""
+    MLP intermediates (64 MiB each). Measured above the interpreter: 799 MiB (12.5x the Hessian) with the
+    float64 factorization's copies and one forward for all tokens; 206 MiB (3.2x: Hessian, its in-place
+    float32 factor, the weights' copies, one batch's forward). One more float64 copy of H, or the forward
+    over all tokens, would cross the 4.5x bound. ~25 s of CPU."""
     nbytes = write_checkpoint(tmp_path / "hf", hidden_size=256, intermediate_size=4096, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, vocab_size=4096)
     hessian_mb = 4096 * 4096 * 4 / 2**20
@@ -95,4 +97,4 @@ def test_gptq_holds_two_float32_hessians_not_float64_copies(baseline_mb, tmp_pat
     assert meta["quantized_linears"] == 2 * 7 and meta["error_summary"]["worse_than_rtn"] == 0
     cal = meta["calibration"]
     assert cal["batch"] == 2 and 0 < cal["activation_bytes"] < 16 * 256 * 256 * 4 * 1.2
-    assert peak - baseline_mb < 3.5 * hessian_mb, (peak, baseline_mb, hessian_mb, nbytes / 2**20)
+    assert peak - baseline_mb < 4.5 * hessian_mb, (peak, baseline_mb, hessian_mb, nbytes / 2**20)
