@@ -42,6 +42,6 @@ def estimate(config: BuildConfig, inputs: list[Artifact]):  # noqa: ANN201 - Est
     return build_estimate(config, inputs)
 
 
-STAGE = Stage(name="build", kind="engine", version=3, config_model=BuildConfig, run=run, input_kinds=("onnx",),
+STAGE = Stage(name="build", kind="engine", version=4, config_model=BuildConfig, run=run, input_kinds=("onnx",),
               packages=("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"), default_file=default_file,
               estimate=estimate)

@@ -143,6 +143,6 @@ def run(config: ExportConfig, inputs: list[Artifact], out: Path, progress: Progr
             "transposed_weights": bound["transposed"], "traced_layers": bound["traced_layers"]}
 
 
-STAGE = Stage(name="export", kind="onnx", version=2, config_model=ExportConfig, run=run,
+STAGE = Stage(name="export", kind="onnx", version=3, config_model=ExportConfig, run=run,
               input_kinds=("checkpoint",), packages=("torch", "transformers", "onnx", "onnxscript", "onnx-ir"),
               estimate=export_estimate)

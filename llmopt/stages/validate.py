@@ -237,7 +237,7 @@ def _gates(config: ValidateConfig, inputs: list[Artifact]):  # noqa: ANN202
     return effective_gates(config.gates, profile_of(lineage(inputs[0])))
 
 
-STAGE = Stage(name="validate", kind="report", version=1, config_model=ValidateConfig, run=run,
+STAGE = Stage(name="validate", kind="report", version=2, config_model=ValidateConfig, run=run,
               input_kinds=("engine", "onnx"), packages=("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
               default_file=lambda config: presets.DEFAULT_EVAL_TEXT, estimate=validate_estimate,
               key_extra=lambda config, inputs: _gates(config, inputs)[0].model_dump())
