@@ -10,6 +10,8 @@ the estimators can be checked against real runs.
 
 from __future__ import annotations
 
+import functools
+
 import shutil
 import threading
 import time
@@ -106,6 +108,19 @@ def measure(estimate: Estimate | None) -> Iterator[Usage]:
 MMAP_THRESHOLD = 1 << 20  # bytes: allocations at least this big get their own mapping, unmapped on free
 
 
+@functools.cache
+def _glibc():  # noqa: ANN202 - ctypes.CDLL | None
+    """The C library when it is glibc (``mallopt``, ``malloc_trim``), else None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def return_freed_memory_promptly() -> bool:
     """Make glibc give large freed blocks back to the system at once (``mallopt(M_MMAP_THRESHOLD)``).
 
@@ -116,14 +131,8 @@ def return_freed_memory_promptly() -> bool:
     peaked at 1.04 GB by default and 0.75 GB with the threshold fixed at 1 MB (same run time within 5 %).
     Returns False where there is no glibc (the call is then a no-op).
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD; setting it disables the dynamic rule
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc and libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD; setting it disables the dynamic rule
 
 
 def release_free_memory() -> bool:
@@ -135,11 +144,5 @@ def release_free_memory() -> bool:
     and freed holes stay resident. The 1.1B GPTQ through the CLI grew its heap to 0.8 GB that way and
     peaked at 1.41 GiB; trimmed once per layer it keeps one layer's working set. Returns False without glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))

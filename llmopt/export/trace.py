@@ -95,15 +95,15 @@ def trace_decoder(config: Any, spec: ArchSpec, opset: int, dtype: torch.dtype) -
     """The weightless graph of the whole decoder, and how many of its layers were traced: a deep model is
     traced with :data:`~llmopt.export.replicate.TRACED_LAYERS` layers and the last one copied
     (:mod:`llmopt.export.replicate`), so the cost of tracing does not grow with depth."""
+    def traced(cfg: Any) -> ir.Model:
+        io = io_description(dims_of(cfg), "float32", opset)
+        return trace(empty_model(cfg, spec, dtype), opset, dtype, [t["name"] for t in io["inputs"]],
+                     [t["name"] for t in io["outputs"]])
+
     n_layers = dims_of(config).num_layers
     shallow = _shallow(config, spec, TRACED_LAYERS) if n_layers > TRACED_LAYERS else None
     if shallow is not None:
-        io = io_description(dims_of(shallow), "float32", opset)
-        graph = trace(empty_model(shallow, spec, dtype), opset, dtype, [t["name"] for t in io["inputs"]],
-                      [t["name"] for t in io["outputs"]])
+        graph = traced(shallow)
         if replicate_layers(graph, n_layers, f"{PREFIX}{spec.layers_path}"):
             return graph, TRACED_LAYERS
-    io = io_description(dims_of(config), "float32", opset)
-    graph = trace(empty_model(config, spec, dtype), opset, dtype, [t["name"] for t in io["inputs"]],
-                  [t["name"] for t in io["outputs"]])
-    return graph, n_layers
+    return traced(config), n_layers

@@ -29,7 +29,8 @@ kept exactly.
 sibling MatMuls that read the same activation (q/k/v, gate/up) so each layer runs fewer, larger GEMMs;
 ``quantize_lm_head`` turns the float lm_head MatMul into MatMulNBits (int4/int8, block-wise);
 ``add_logits_window`` lets a prefill compute the lm_head for its last position only (an input that
-defaults to every position); ``quantize_kv_cache`` stores the GroupQueryAttention cache as int8 with calibrated per-channel scales.
+defaults to every position); ``quantize_kv_cache`` stores the GroupQueryAttention cache as int8 with
+calibrated per-channel scales.
 """
 
 from llmopt.ort.attention import (CAPACITY_DIM, SEQLENS_K, TOTAL_SEQ, find_attention_blocks, fuse_gqa, gqa_io,
