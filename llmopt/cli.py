@@ -103,7 +103,7 @@ def quantize_cmd(ckpt: Annotated[Path, typer.Argument(help="Checkpoint artifact 
                  samples: Annotated[int, typer.Option(help="Calibration samples.")] = 64,
                  seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 256,
                  ignore: Annotated[Optional[list[str]], typer.Option(help="Module name pattern kept in float (repeatable).")] = None,
-                 act_order: Annotated[bool, typer.Option(help="GPTQ activation order.")] = False,
+                 act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ activation order (static: groups stay contiguous).")] = True,
                  alpha: Annotated[float, typer.Option(help="SmoothQuant migration strength.")] = 0.5,
                  error_stats: Annotated[bool, typer.Option(
                      help="RTN: measure per-linear output errors on calibration text (layer by layer, slower).")] = False,

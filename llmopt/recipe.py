@@ -50,7 +50,8 @@ class QuantizeConfig(Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     damp: float = Field(0.01, gt=0, description="GPTQ dampening (fraction of mean diagonal)")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-update block size")
-    act_order: bool = False
+    act_order: bool = Field(True, description="GPTQ: process columns by decreasing Hessian diagonal (groups stay "
+                                                "contiguous, no g_idx); SmolLM2 int4 g128 ppl +30 % vs +48 % without")
     alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength")
     awq_grid: int = Field(20, ge=2, description="AWQ scale search grid points")
     error_stats: bool = Field(False, description="RTN: also measure each linear's output error on the calibration "

@@ -16,9 +16,11 @@ Hessian, which minimizes ``||W X - Q X||²`` greedily:
   rest of the matrix once per block (one matmul);
 * a group size that does not divide the input width leaves the last group partial (its scale comes
   from its real columns), the layout of :mod:`llmopt.quant.rtn`;
-* act-order (``act_order=True``): columns are processed by decreasing ``H_jj``; groups stay contiguous
-  runs of ``group_size`` ORIGINAL input columns (the layout ONNX block-wise ``DequantizeLinear`` needs,
-  no ``g_idx``), so a group's scale is fixed when the first of its columns is reached;
+* act-order (``act_order=True``, the stage's default as in llm-compressor's "static" order): columns are
+  processed by decreasing ``H_jj``; groups stay contiguous runs of ``group_size`` ORIGINAL input columns
+  (the layout ONNX block-wise ``DequantizeLinear`` needs, no ``g_idx``), so a group's scale is fixed when
+  the first of its columns is reached; the permuted H is gathered into the factorization's one working
+  copy and W is permuted in its own memory, so act-order holds no more than the natural order;
 * group scales are computed when a group is entered, from the group's CURRENT weights (with all error
   updates so far, including the block's pending lazy updates), as in the reference implementation.
 """
@@ -48,8 +50,21 @@ def _factor_in_place(a: torch.Tensor, lam: float) -> bool:
     return int(info) == 0
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float, dead: torch.Tensor | None = None) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, in ``h``'s dtype.
+def _working_copy(h: torch.Tensor, dtype: torch.dtype, perm: torch.Tensor | None, rows: int = 512) -> torch.Tensor:
+    """``h`` (or ``h[perm][:, perm]``) as a new contiguous ``dtype`` tensor: the permuted copy is gathered a
+    block of rows at a time, so no second n×n tensor exists beside it."""
+    if perm is None:
+        return h.to(dtype, copy=True).contiguous()
+    out = torch.empty(h.shape, dtype=dtype)
+    for i in range(0, h.shape[0], rows):
+        out[i:i + rows] = h.index_select(0, perm[i:i + rows]).index_select(1, perm)
+    return out
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, dead: torch.Tensor | None = None,
+                           perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, in ``h``'s dtype, of
+    ``H[perm][:, perm]`` when ``perm`` is given (``dead`` is then in that order too).
 
     ``h`` is not modified: one n×n working copy is factorized in place (the 5632-wide down_proj Hessian of a
     1.1B model: 127 MB in float32, where the float64 out-of-place chain held ~1.3 GB). ``dead`` inputs get
@@ -57,6 +72,8 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, dead: torch.Tensor | No
     grows 10× (up to 6 times)."""
     out_dtype = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
     diag = torch.diagonal(h).double()
+    if perm is not None:
+        diag = diag[perm]
     if dead is not None:
         diag = torch.where(dead, torch.ones_like(diag), diag)
     mean_diag = float(diag.mean())
@@ -64,7 +81,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, dead: torch.Tensor | No
     dtypes = list(dict.fromkeys([out_dtype, torch.float64]))
     for _ in range(6):
         for dtype in dtypes:
-            a = h.to(dtype, copy=True).contiguous()
+            a = _working_copy(h, dtype, perm)
             if dead is not None:
                 a.diagonal()[dead] = 1.0
             if _factor_in_place(a, lam):
@@ -72,6 +89,26 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, dead: torch.Tensor | No
             del a
         lam *= 10
     raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even with heavy dampening")
+
+
+def _permute_rows_(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x := x[perm]`` in place, one cycle of the permutation at a time (one row of scratch)."""
+    p = perm.tolist()
+    seen = [False] * len(p)
+    for start in range(len(p)):
+        if seen[start] or p[start] == start:
+            continue
+        first = x[start].clone()
+        j = start
+        while True:
+            seen[j] = True
+            k = p[j]
+            if k == start:
+                x[j] = first
+                break
+            x[j] = x[k]
+            j = k
+    return x
 
 
 @torch.no_grad()
@@ -97,12 +134,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     if act_order:
         diag = torch.where(dead0, torch.ones((), dtype=H.dtype), torch.diagonal(H))
         perm = torch.argsort(diag, descending=True, stable=True)
-        H = H.index_select(0, perm).index_select(1, perm)
         dead = dead0[perm]
     else:
         perm = torch.arange(in_f)
     invperm = torch.argsort(perm)
-    Hinv = inverse_hessian_factor(H, damp, dead).float()
+    Hinv = inverse_hessian_factor(H, damp, dead, perm if act_order else None).float()
     del H
 
     # work on the transpose: a column of W is a contiguous row here (rank-1 updates are BLAS `ger`)
@@ -111,7 +147,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         Wt = torch.empty(in_f, out_f).copy_(Wt)  # [in, out], the one working copy of W
     Wt[dead0] = 0.0
     if act_order:
-        Wt = Wt[perm]  # [in (permuted), out]
+        _permute_rows_(Wt, perm)  # [in (permuted), out], in the same memory
     scale = torch.zeros(ng, out_f)
     zero = torch.zeros(ng, out_f) if not symmetric else None
     entered = torch.zeros(ng, dtype=torch.bool)

@@ -165,6 +165,6 @@ def run(config: QuantizeConfig, inputs: list[Artifact], out: Path, progress: Pro
     }
 
 
-STAGE = Stage(name="quantize", kind="checkpoint", version=3, config_model=QuantizeConfig, run=run,
+STAGE = Stage(name="quantize", kind="checkpoint", version=4, config_model=QuantizeConfig, run=run,
               input_kinds=("checkpoint",), default_file=lambda config: presets.DEFAULT_CALIB_TEXT,
               estimate=quantize_estimate)
