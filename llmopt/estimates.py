@@ -74,26 +74,102 @@ def load_estimate(config, inputs: list[Artifact]) -> Estimate | None:  # noqa: A
 
 
 def quantize_estimate(config, inputs: list[Artifact]) -> Estimate | None:  # noqa: ANN001
-    """RTN streams one linear at a time; the calibrated methods are estimated from their resident model
-    parts only where measured (None otherwise: the run records its measured peak)."""
-    if config.method != "rtn" or config.error_stats:
-        return None
+    """RTN streams one linear at a time; the calibrated methods hold one decoder layer (:func:`calibrated_estimate`)."""
     from llmopt.models.safetensors_io import SafetensorsReader
 
     ckpt = inputs[0].path
+    if config.method != "rtn" or config.error_stats:
+        return calibrated_estimate(config, ckpt)
     s = _checkpoint_sizes(ckpt)
-    info = SafetensorsReader.of(ckpt).entries
+    linears, written = _quantized_output(SafetensorsReader.of(ckpt).entries, config)
+    base = rss()
+    linear = 4 * max(linears, default=0)
+    work = int(max(RTN_LINEAR_COPIES * linear, LOAD_TENSOR_COPIES * s["largest_tensor_out"]))
+    return Estimate(base + work, written, round(5 + s["stored_bytes"] / (100 * MB), 1),
+                    {"baseline": base, "working_set": work, "largest_linear_float32": linear, **s})
+
+
+def _quantized_output(info: dict, config) -> tuple[list[int], int]:  # noqa: ANN001
+    """Element counts of the linears that get quantized, and the bytes the quantized checkpoint will hold:
+    their codes plus one float32 scale per group, and every other tensor as it is."""
     is_linear = {n: n.endswith(".weight") and len(i.shape) == 2 and not n.startswith(_NOT_QUANTIZED)
                  for n, i in info.items()}
     linears = [math.prod(info[n].shape) for n, lin in is_linear.items() if lin]
     group = config.group_size or 1 << 30
-    codes = sum(n * config.bits // 8 + 4 * -(-n // min(group, n)) for n in linears)  # + one float32 scale per group
-    kept = sum(i.nbytes for n, i in info.items() if not is_linear[n])  # written as they are
+    codes = sum(n * config.bits // 8 + 4 * -(-n // min(group, n)) for n in linears)
+    return linears, codes + sum(i.nbytes for n, i in info.items() if not is_linear[n])
+
+
+# The calibrated methods' working set of one linear group with input width K and float32 weights G bytes:
+# (copies of the K x K float32 Hessian, copies of G). GPTQ: the statistics' H and the factorization's
+# in-place working copy; W's original, its stacked scratch and the dequantized result. AWQ: H and the
+# scale / clip searches' fake-quantized copies. SmoothQuant and RTN-with-errors: H, the folded and the
+# dequantized weights.
+GROUP_COPIES = {"gptq": (2.0, 3.0), "awq": (1.0, 4.0), "smoothquant": (1.0, 3.0), "rtn": (1.0, 3.0)}
+CALIB_IMPORTS = 120 * MB         # transformers' modeling code, the tokenizer and the model skeleton
+FORWARD_TENSORS = 3.0            # a batch's MLP intermediates (gate, up, their product) of tokens x ffn
+ATTN_TENSORS = 2.0               # a batch's attention scores and probabilities, heads x seq x seq per sample
+CALIB_S_PER_PARAM = 3.2e-7       # GPTQ's column loops and the reads, per parameter (SmolLM2-135M: ~43 s)
+CALIB_S_PER_PARAM_TOKEN = 5.8e-11  # the calibration forwards (SmolLM2 GPTQ: +48 s from 2,048 to 8,192 tokens)
+METHOD_TIME = {"gptq": 1.0}
+
+
+def calibrated_estimate(config, ckpt: Path) -> Estimate:  # noqa: ANN001
+    """GPTQ / AWQ / SmoothQuant / RTN with errors (:mod:`llmopt.quant.calibrate`): the larger of two phases.
+    Capture: the float32 embeddings (and whatever else outside the layers is used) and layer 0's calibration
+    inputs. Layer: one decoder layer in float32, the calibration hidden states of a layer boundary plus one
+    batch, one batch's forward intermediates, and the largest linear group's Hessian and weight copies."""
+    from llmopt.models.registry import spec_for
+    from llmopt.models.safetensors_io import SafetensorsReader
+    from llmopt.quant.calibrate import BATCH_TOKENS
+    from llmopt.quant.modules import is_ignored, sublayer_groups
+    from llmopt.readers import read_json
+
+    cfg = read_json(Path(ckpt) / "config.json", "config.json")
+    spec = spec_for(cfg.get("model_type"))
+    info = SafetensorsReader.of(ckpt).entries
+    f32 = {n: 4 * math.prod(i.shape) for n, i in info.items() if i.dtype in _FLOAT}
+    layer0 = f"{spec.layers_path}.0."
+    inside = spec.layers_path + "."
+    ignored = list(config.ignore)
+    outside = sum(b for n, b in f32.items() if not n.startswith(inside) and not is_ignored(n.rsplit(".", 1)[0], ignored))
+    embeddings = sum(b for n, b in f32.items() if not n.startswith(inside) and ("embed" in n or ".wte" in n or ".wpe" in n))
+    tied = bool(cfg.get("tie_word_embeddings", True)) and not any(n.startswith("lm_head") for n in info)
+    kept = outside - (0 if tied and not is_ignored("lm_head", ignored) else embeddings)
+    layer = sum(b for n, b in f32.items() if n.startswith(layer0))
+
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or 0
+    ffn = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
+    cal = config.calibration
+    per_batch = max(1, BATCH_TOKENS // cal.seq_len)
+    batch_tokens = min(cal.samples, per_batch) * cal.seq_len
+    acts = 4 * hidden * (cal.samples * cal.seq_len + batch_tokens)
+    forward = int(4 * (FORWARD_TENSORS * batch_tokens * ffn + ATTN_TENSORS * min(cal.samples, per_batch) * heads * cal.seq_len ** 2))
+
+    hess_copies, weight_copies = GROUP_COPIES.get(config.method, GROUP_COPIES["rtn"])
+    group = 0
+    for grp in sublayer_groups(spec):
+        shapes = [info[f"{layer0}{lin}.weight"].shape for lin in grp if f"{layer0}{lin}.weight" in info]
+        if not shapes:
+            continue
+        k = shapes[0][0] if spec.conv1d else shapes[0][1]
+        g = sum(4 * math.prod(sh) for sh in shapes)
+        group = max(group, int(hess_copies * 4 * k * k + weight_copies * g))
+
     base = rss()
-    linear = 4 * max(linears, default=0)
-    work = int(max(RTN_LINEAR_COPIES * linear, LOAD_TENSOR_COPIES * s["largest_tensor_out"]))
-    return Estimate(base + work, codes + kept, round(5 + s["stored_bytes"] / (100 * MB), 1),
-                    {"baseline": base, "working_set": work, "largest_linear_float32": linear, **s})
+    capture = outside + acts + 4 * hidden * batch_tokens
+    walk = kept + layer + acts + forward + group
+    s = _checkpoint_sizes(ckpt)
+    layers = _layers(ckpt)
+    tokens = cal.samples * cal.seq_len
+    params = sum(math.prod(i.shape) for i in info.values())
+    seconds = 5 + params * (CALIB_S_PER_PARAM + tokens * CALIB_S_PER_PARAM_TOKEN) * METHOD_TIME.get(config.method, 1.0)
+    return Estimate(base + CALIB_IMPORTS + max(capture, walk), _quantized_output(info, config)[1], round(seconds, 1),
+                    {"baseline": base, "imports": CALIB_IMPORTS, "capture_phase": capture, "layer_phase": walk,
+                     "outside_layers_float32": outside, "kept_while_walking": kept, "layer_float32": layer,
+                     "activations": acts, "batch_forward": forward, "largest_group": group,
+                     "layers": layers, "calibration_tokens": tokens, **s})
 
 
 def export_estimate(config, inputs: list[Artifact]) -> Estimate:  # noqa: ANN001

@@ -85,7 +85,10 @@ def test_load_and_rtn_quantize_are_estimated_and_refused_from_headers(tmp_path):
     art = Artifact(tmp_path / "big", {"kind": "checkpoint", "stage": "load", "key": "x", "metadata": {}})
     q = quantize.STAGE.estimate(QuantizeConfig(method="rtn"), [art])
     assert q.peak_rss_bytes > total
-    assert quantize.STAGE.estimate(QuantizeConfig(method="gptq"), [art]) is None  # calibrated: measured only
+    g = quantize.STAGE.estimate(QuantizeConfig(method="gptq"), [art])  # calibrated: embeddings in float32 first
+    assert g.basis["outside_layers_float32"] == vocab * 64 * 4 and g.peak_rss_bytes > total
+    with pytest.raises(UserError, match=r"quantize: needs about .* GB of memory"):
+        check("quantize", g, tmp_path / "out", force=False)
     assert load.STAGE.estimate(LoadConfig(source="preset:tiny-llama"), []) is None
 
 
@@ -101,6 +104,20 @@ def test_load_and_rtn_record_estimate_next_to_measured(cli, tiny_ckpt, tmp_path)
     assert 0.5 < res["peak_rss_ratio"] < 1.5
     tensors = res["measured"]["disk_bytes"]
     assert 0.5 * tensors < res["estimate"]["disk_bytes"] < 1.5 * tensors
+
+
+@pytest.mark.parametrize("method,bits", [("gptq", 4), ("awq", 4), ("smoothquant", 8)])
+def test_calibrated_methods_record_estimate_next_to_measured(cli, tiny_ckpt, tmp_path, method, bits):
+    r = cli("load", tiny_ckpt, "-o", tmp_path / "c")
+    assert r.code == 0, r.err
+    r = cli("quantize", tmp_path / "c", "-o", tmp_path / "q", "--method", method, "--bits", bits, "--samples", 4,
+            "--seq-len", 64, "--json")
+    assert r.code == 0, r.err
+    res = r.json()["metadata"]["resources"]
+    basis = res["estimate"]["basis"]
+    assert basis["calibration_tokens"] == 4 * 64 and basis["layer_phase"] > basis["layer_float32"] > 0
+    assert 0.5 < res["peak_rss_ratio"] < 1.5
+    assert 0.5 * res["measured"]["disk_bytes"] < res["estimate"]["disk_bytes"] < 1.5 * res["measured"]["disk_bytes"]
 
 
 _FRAGMENT = """

@@ -98,3 +98,5 @@ def test_gptq_holds_two_float32_hessians_not_float64_copies(baseline_mb, tmp_pat
     cal = meta["calibration"]
     assert cal["batch"] == 2 and 0 < cal["activation_bytes"] < 16 * 256 * 256 * 4 * 1.2
     assert peak - baseline_mb < 4.5 * hessian_mb, (peak, baseline_mb, hessian_mb, nbytes / 2**20)
+    res = meta["resources"]  # the preflight estimate (llmopt.estimates.calibrated_estimate) against the peak
+    assert 0.8 < res["peak_rss_ratio"] < 1.25, res
