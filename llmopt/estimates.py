@@ -106,7 +106,7 @@ def _quantized_output(info: dict, config) -> tuple[list[int], int]:  # noqa: ANN
 # scale / clip searches' fake-quantized copies. SmoothQuant and RTN-with-errors: H, the folded and the
 # dequantized weights.
 GROUP_COPIES = {"gptq": (2.0, 3.0), "awq": (1.0, 4.0), "smoothquant": (1.0, 3.0), "rtn": (1.0, 3.0)}
-CALIB_IMPORTS = 120 * MB         # transformers' modeling code, the tokenizer and the model skeleton
+CALIB_PROCESS = 384 * MB         # the interpreter once torch, transformers' modeling code and the tokenizer are in
 FORWARD_TENSORS = 3.0            # a batch's MLP intermediates (gate, up, their product) of tokens x ffn
 ATTN_TENSORS = 2.0               # a batch's attention scores and probabilities, heads x seq x seq per sample
 CALIB_S_PER_PARAM = 3.2e-7       # GPTQ's column loops and the reads, per parameter (SmolLM2-135M: ~43 s)
@@ -165,8 +165,9 @@ def calibrated_estimate(config, ckpt: Path) -> Estimate:  # noqa: ANN001
     tokens = cal.samples * cal.seq_len
     params = sum(math.prod(i.shape) for i in info.values())
     seconds = 5 + params * (CALIB_S_PER_PARAM + tokens * CALIB_S_PER_PARAM_TOKEN) * METHOD_TIME.get(config.method, 1.0)
-    return Estimate(base + CALIB_IMPORTS + max(capture, walk), _quantized_output(info, config)[1], round(seconds, 1),
-                    {"baseline": base, "imports": CALIB_IMPORTS, "capture_phase": capture, "layer_phase": walk,
+    imports = max(0, CALIB_PROCESS - base)  # a `convert` process has them already
+    return Estimate(base + imports + max(capture, walk), _quantized_output(info, config)[1], round(seconds, 1),
+                    {"baseline": base, "imports": imports, "capture_phase": capture, "layer_phase": walk,
                      "outside_layers_float32": outside, "kept_while_walking": kept, "layer_float32": layer,
                      "activations": acts, "batch_forward": forward, "largest_group": group,
                      "layers": layers, "calibration_tokens": tokens, **s})
