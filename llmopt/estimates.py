@@ -109,9 +109,12 @@ GROUP_COPIES = {"gptq": (2.0, 3.0), "awq": (1.0, 4.0), "smoothquant": (1.0, 3.0)
 CALIB_PROCESS = 384 * MB         # the interpreter once torch, transformers' modeling code and the tokenizer are in
 FORWARD_TENSORS = 3.0            # a batch's MLP intermediates (gate, up, their product) of tokens x ffn
 ATTN_TENSORS = 2.0               # a batch's attention scores and probabilities, heads x seq x seq per sample
-CALIB_S_PER_PARAM = 3.2e-7       # GPTQ's column loops and the reads, per parameter (SmolLM2-135M: ~43 s)
-CALIB_S_PER_PARAM_TOKEN = 5.8e-11  # the calibration forwards (SmolLM2 GPTQ: +48 s from 2,048 to 8,192 tokens)
-METHOD_TIME = {"gptq": 1.0}
+# time: GPTQ's column loops and block updates grow with in² x out per linear, the calibration forwards with
+# linear parameters x tokens; fitted on SmolLM2-135M GPTQ (59 s at 8 x 256 tokens, 107 s at 32 x 256; AMD Zen 5,
+# quiet), predicting 1566 s for the 1.1B shape at 16 x 256 (measured ~1280 s from its quiet layers' 57 s each)
+CALIB_S_PER_CUBE = 4.4e-10
+CALIB_S_PER_PARAM_TOKEN = 7.4e-11
+METHOD_TIME = {"gptq": 1.0, "awq": 2.5}  # AWQ: its grid searches (SmolLM2: 513 s vs GPTQ's 200 s, same run)
 
 
 def calibrated_estimate(config, ckpt: Path) -> Estimate:  # noqa: ANN001
@@ -163,8 +166,10 @@ def calibrated_estimate(config, ckpt: Path) -> Estimate:  # noqa: ANN001
     s = _checkpoint_sizes(ckpt)
     layers = _layers(ckpt)
     tokens = cal.samples * cal.seq_len
-    params = sum(math.prod(i.shape) for i in info.values())
-    seconds = 5 + params * (CALIB_S_PER_PARAM + tokens * CALIB_S_PER_PARAM_TOKEN) * METHOD_TIME.get(config.method, 1.0)
+    weights = [i.shape for n, i in info.items() if n.startswith(inside) and n.endswith(".weight") and len(i.shape) == 2]
+    cube = sum(sh[0] * sh[1] * (sh[0] if spec.conv1d else sh[1]) for sh in weights)
+    work = cube * CALIB_S_PER_CUBE + sum(math.prod(sh) for sh in weights) * tokens * CALIB_S_PER_PARAM_TOKEN
+    seconds = 5 + work * METHOD_TIME.get(config.method, 1.0)
     imports = max(0, CALIB_PROCESS - base)  # a `convert` process has them already
     return Estimate(base + imports + max(capture, walk), _quantized_output(info, config)[1], round(seconds, 1),
                     {"baseline": base, "imports": imports, "capture_phase": capture, "layer_phase": walk,
