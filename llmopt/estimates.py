@@ -20,7 +20,8 @@ from llmopt.resources import Estimate, rss
 MB = 1 << 20
 _OUT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _FLOAT = {"F32", "F16", "BF16", "F64"}
-_NOT_QUANTIZED = ("model.embed", "lm_head", "transformer.wte", "transformer.wpe", "model.norm")
+_EMBEDDINGS = ("model.embed", "transformer.wte", "transformer.wpe")
+_NOT_QUANTIZED = (*_EMBEDDINGS, "lm_head", "model.norm")
 
 LOAD_TENSOR_COPIES = 3.2         # read + finite check + converted / serialized copy of the largest tensor (7B bf16: 3.18x)
 RTN_LINEAR_COPIES = 4.2          # float32 weight, scaled, rounded and packed copies of the largest linear (7B: 4.2x)
@@ -122,60 +123,56 @@ def calibrated_estimate(config, ckpt: Path) -> Estimate:  # noqa: ANN001
     Capture: the float32 embeddings (and whatever else outside the layers is used) and layer 0's calibration
     inputs. Layer: one decoder layer in float32, the calibration hidden states of a layer boundary plus one
     batch, one batch's forward intermediates, and the largest linear group's Hessian and weight copies."""
-    from llmopt.models.registry import spec_for
+    from llmopt.models.loader import read_config
+    from llmopt.models.registry import dims_of
     from llmopt.models.safetensors_io import SafetensorsReader
     from llmopt.quant.calibrate import BATCH_TOKENS
     from llmopt.quant.modules import is_ignored, sublayer_groups
-    from llmopt.readers import read_json
 
-    cfg = read_json(Path(ckpt) / "config.json", "config.json")
-    spec = spec_for(cfg.get("model_type"))
+    model_config, spec = read_config(Path(ckpt))
+    dims = dims_of(model_config)
     info = SafetensorsReader.of(ckpt).entries
     f32 = {n: 4 * math.prod(i.shape) for n, i in info.items() if i.dtype in _FLOAT}
     layer0 = f"{spec.layers_path}.0."
     inside = spec.layers_path + "."
     ignored = list(config.ignore)
     outside = sum(b for n, b in f32.items() if not n.startswith(inside) and not is_ignored(n.rsplit(".", 1)[0], ignored))
-    embeddings = sum(b for n, b in f32.items() if not n.startswith(inside) and ("embed" in n or ".wte" in n or ".wpe" in n))
-    tied = bool(cfg.get("tie_word_embeddings", True)) and not any(n.startswith("lm_head") for n in info)
+    embeddings = sum(b for n, b in f32.items() if n.startswith(_EMBEDDINGS))
+    tied = bool(getattr(model_config, "tie_word_embeddings", False)) and not any(n.startswith("lm_head") for n in info)
     kept = outside - (0 if tied and not is_ignored("lm_head", ignored) else embeddings)
     layer = sum(b for n, b in f32.items() if n.startswith(layer0))
 
-    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or 0
-    ffn = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden
-    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
-    cal = config.calibration
-    per_batch = max(1, BATCH_TOKENS // cal.seq_len)
-    batch_tokens = min(cal.samples, per_batch) * cal.seq_len
-    acts = 4 * hidden * (cal.samples * cal.seq_len + batch_tokens)
-    forward = int(4 * (FORWARD_TENSORS * batch_tokens * ffn + ATTN_TENSORS * min(cal.samples, per_batch) * heads * cal.seq_len ** 2))
-
     hess_copies, weight_copies = GROUP_COPIES.get(config.method, GROUP_COPIES["rtn"])
-    group = 0
+    group = ffn = 0
     for grp in sublayer_groups(spec):
         shapes = [info[f"{layer0}{lin}.weight"].shape for lin in grp if f"{layer0}{lin}.weight" in info]
         if not shapes:
             continue
-        k = shapes[0][0] if spec.conv1d else shapes[0][1]
-        g = sum(4 * math.prod(sh) for sh in shapes)
-        group = max(group, int(hess_copies * 4 * k * k + weight_copies * g))
+        k = shapes[0][0] if spec.conv1d else shapes[0][1]  # the group's input width; the widest is the MLP's
+        ffn = max(ffn, k)
+        group = max(group, int(hess_copies * 4 * k * k + weight_copies * sum(4 * math.prod(sh) for sh in shapes)))
 
-    base = rss()
-    capture = outside + acts + 4 * hidden * batch_tokens
-    walk = kept + layer + acts + forward + group
-    s = _checkpoint_sizes(ckpt)
-    layers = _layers(ckpt)
+    cal = config.calibration
     tokens = cal.samples * cal.seq_len
+    per_batch = min(cal.samples, max(1, BATCH_TOKENS // cal.seq_len))
+    batch_tokens = per_batch * cal.seq_len
+    acts = 4 * dims.hidden_size * (tokens + batch_tokens)
+    forward = int(4 * (FORWARD_TENSORS * batch_tokens * ffn + ATTN_TENSORS * per_batch * dims.num_heads * cal.seq_len ** 2))
+    capture = outside + acts + 4 * dims.hidden_size * batch_tokens
+    walk = kept + layer + acts + forward + group
+
     weights = [i.shape for n, i in info.items() if n.startswith(inside) and n.endswith(".weight") and len(i.shape) == 2]
     cube = sum(sh[0] * sh[1] * (sh[0] if spec.conv1d else sh[1]) for sh in weights)
     work = cube * CALIB_S_PER_CUBE + sum(math.prod(sh) for sh in weights) * tokens * CALIB_S_PER_PARAM_TOKEN
     seconds = 5 + work * METHOD_TIME.get(config.method, 1.0)
+    base = rss()
     imports = max(0, CALIB_PROCESS - base)  # a `convert` process has them already
     return Estimate(base + imports + max(capture, walk), _quantized_output(info, config)[1], round(seconds, 1),
                     {"baseline": base, "imports": imports, "capture_phase": capture, "layer_phase": walk,
                      "outside_layers_float32": outside, "kept_while_walking": kept, "layer_float32": layer,
                      "activations": acts, "batch_forward": forward, "largest_group": group,
-                     "layers": layers, "calibration_tokens": tokens, **s})
+                     "layers": dims.num_layers, "calibration_tokens": tokens,
+                     "stored_bytes": sum(i.nbytes for i in info.values())})
 
 
 def export_estimate(config, inputs: list[Artifact]) -> Estimate:  # noqa: ANN001
